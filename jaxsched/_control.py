@@ -1,0 +1,265 @@
+"""Optimal batch schedules (theory 4): closed form from ``phi``, gradient descent (optax) through the
+diffrax-integrated expected loss, and gradient descent through the exact discrete recursion."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from . import _allocation as alloc
+from . import _expansion as ex
+from . import _schedules as sched
+from ._problems import _is_concrete
+from ._types import Array, Int, IntStepArray, Scalar, StepArray
+
+__all__ = ["OptimalSchedule", "optimal_schedule", "METHODS"]
+
+METHODS = ("closed_form", "gradient", "exact")
+
+
+class OptimalSchedule(eqx.Module):
+    """The optimal schedule and what it is worth.
+
+    Attributes:
+        batch_sizes: ``(steps,)`` integer batch sizes, ``sum == samples``, within the bounds.
+        beta: ``(steps,)`` the real-valued optimum before rounding.
+        predicted_loss: the expansion's ``E F(x_K)`` for ``batch_sizes``.
+        phi: ``(steps,)`` sensitivities ``phi_k`` (theory 4).
+        objective: ``sum_k phi_k w(b_k)`` for ``batch_sizes`` (the schedule-dependent part of J1).
+        relaxed_objective: the same for ``beta``.
+        constant_objective: the same for the constant real schedule ``samples / steps``.
+        base_loss: ``F(x_T)``; ``correction``: the drift-correction part of ``J1``.
+        iterations: optimiser iterations (0 for the closed form).
+        method: the method used.
+    """
+
+    batch_sizes: IntStepArray
+    beta: StepArray
+    predicted_loss: Scalar
+    phi: StepArray
+    objective: Scalar
+    relaxed_objective: Scalar
+    constant_objective: Scalar
+    base_loss: Scalar
+    correction: Scalar
+    iterations: Int[Array, ""]
+    method: str = eqx.field(static=True)
+
+    @property
+    def gain_over_constant(self) -> Scalar:
+        """Ratio of the constant schedule's noise term to the optimum's (>= 1)."""
+        return self.constant_objective / self.objective
+
+
+def _inverse_b_coefficient(problem, dtype) -> Array:
+    # noise_weight(b) is affine in 1/b; its 1/b coefficient rescales phi for the allocation
+    # (1 with replacement, n/(n-1) without).
+    w1, w2 = problem.noise_weight(jnp.asarray([1.0, 2.0], dtype))
+    return 2.0 * (w1 - w2)
+
+
+def _lbfgs(objective, theta0, max_iter, gtol):
+    """Minimise ``objective`` with optax's L-BFGS (zoom line search) inside a ``while_loop``."""
+    opt = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(objective)
+
+    def cond(carry):
+        _, state, it, gnorm = carry
+        return (it < max_iter) & (gnorm > gtol)
+
+    def body(carry):
+        theta, state, it, _ = carry
+        value, grad = value_and_grad(theta, state=state)
+        updates, state = opt.update(
+            grad, state, theta, value=value, grad=grad, value_fn=objective
+        )
+        theta = optax.apply_updates(theta, updates)
+        return theta, state, it + 1, optax.tree_utils.tree_l2_norm(grad)
+
+    init = (theta0, opt.init(theta0), jnp.asarray(0), jnp.asarray(jnp.inf, theta0.dtype))
+    theta, _, it, _ = jax.lax.while_loop(cond, body, init)
+    return theta, it
+
+
+def _finish(problem, parts, lr, beta, batch_sizes, samples, iterations, method):
+    steps = parts.phi.shape[0]
+    dtype = parts.phi.dtype
+    constant = jnp.full(steps, samples / steps, dtype)
+    return OptimalSchedule(
+        batch_sizes=batch_sizes,
+        beta=beta,
+        predicted_loss=ex.predicted_loss_from_parts(problem, parts, batch_sizes, lr),
+        phi=parts.phi,
+        objective=ex.noise_objective(problem, parts.phi, batch_sizes),
+        relaxed_objective=ex.noise_objective(problem, parts.phi, beta),
+        constant_objective=ex.noise_objective(problem, parts.phi, constant),
+        base_loss=parts.base_loss,
+        correction=parts.correction,
+        iterations=jnp.asarray(iterations),
+        method=method,
+    )
+
+
+@eqx.filter_jit
+def _closed_form_core(problem, lr, samples, lo, hi, rtol, atol, solver, steps):
+    ex.TRACE_COUNTS["optimal_closed_form"] += 1
+    parts = ex._first_order_core(problem, lr, rtol, atol, solver, steps)
+    phi_alloc = parts.phi * _inverse_b_coefficient(problem, parts.phi.dtype)
+    beta = alloc.relaxed_optimum(phi_alloc, samples, min_batch=lo, max_batch=hi)
+    b = alloc.integer_optimum(phi_alloc, samples, min_batch=lo, max_batch=hi)
+    return _finish(problem, parts, lr, beta, b, samples, 0, "closed_form")
+
+
+@eqx.filter_jit
+def _gradient_core(problem, lr, samples, lo, hi, rtol, atol, solver, steps, max_iter, gtol):
+    ex.TRACE_COUNTS["optimal_gradient"] += 1
+    dtype = problem.x0.dtype
+    parts = ex._first_order_core(problem, lr, rtol, atol, solver, steps)
+
+    def noise_part(theta):
+        b = sched.free_form_batch_sizes(theta, samples, min_batch=lo, max_batch=hi)
+        return ex._expansion_core(problem, b, lr, rtol, atol, solver).j1_noise
+
+    theta0 = jnp.zeros(steps, dtype)  # the constant schedule (projected into the bounds)
+    scale = jax.lax.stop_gradient(jnp.abs(noise_part(theta0)))
+    theta, it = _lbfgs(lambda th: noise_part(th) / scale, theta0, max_iter, gtol)
+    beta = sched.free_form_batch_sizes(theta, samples, min_batch=lo, max_batch=hi)
+    # The integer schedule: exact integer optimum of the first-order objective linearised at beta
+    # (gradient of J1 in u = 1/b, i.e. phi as seen by the optimiser).
+    phi_seen = jax.grad(lambda u: noise_part_u(problem, u, lr, rtol, atol, solver))(1.0 / beta)
+    b = alloc.integer_optimum(phi_seen, samples, min_batch=lo, max_batch=hi)
+    return _finish(problem, parts, lr, beta, b, samples, it, "gradient")
+
+
+def noise_part_u(problem, u, lr, rtol, atol, solver):
+    # J1 as a function of the inverse batch sizes (the reverse-mode route to phi).
+    return ex._expansion_core(problem, 1.0 / u, lr, rtol, atol, solver).j1_noise
+
+
+@eqx.filter_jit
+def _exact_core(problem, lr, samples, lo, hi, rtol, atol, solver, steps, max_iter, gtol):
+    from ._linreg import exact_expected_loss
+
+    ex.TRACE_COUNTS["optimal_exact"] += 1
+    parts = ex._first_order_core(problem, lr, rtol, atol, solver, steps)
+    phi_alloc = parts.phi * _inverse_b_coefficient(problem, parts.phi.dtype)
+    beta_fo = alloc.relaxed_optimum(phi_alloc, samples, min_batch=lo, max_batch=hi)
+    b_fo = alloc.integer_optimum(phi_alloc, samples, min_batch=lo, max_batch=hi)
+
+    def loss(b):
+        return exact_expected_loss(problem, b, lr=lr)
+
+    theta0 = sched.free_form_init(beta_fo, samples, min_batch=lo, max_batch=hi)
+    floor = jax.lax.stop_gradient(loss(jnp.full(steps, 1e30, beta_fo.dtype)))  # plain GD
+    scale = jax.lax.stop_gradient(loss(beta_fo) - floor)
+
+    def objective(theta):
+        b = sched.free_form_batch_sizes(theta, samples, min_batch=lo, max_batch=hi)
+        return (loss(b) - floor) / scale
+
+    theta, it = _lbfgs(objective, theta0, max_iter, gtol)
+    beta = sched.free_form_batch_sizes(theta, samples, min_batch=lo, max_batch=hi)
+    # Integer schedule: exact integer optimum of the exact loss linearised in u = 1/b at beta; kept
+    # only if it beats the first-order integer optimum in the exact loss (it nearly always does).
+    phi_seen = jax.grad(lambda u: loss(1.0 / u))(1.0 / beta)
+    b_lin = alloc.integer_optimum(phi_seen, samples, min_batch=lo, max_batch=hi)
+    b = jnp.where(loss(b_lin) <= loss(b_fo), b_lin, b_fo)
+    return _finish(problem, parts, lr, beta, b, samples, it, "exact")
+
+
+def _as_count(name: str, value, minimum: int = 1) -> Array:
+    arr = jnp.asarray(value)
+    if arr.ndim != 0:
+        raise ValueError(f"{name}: must be a scalar, got shape {arr.shape}")
+    if _is_concrete(arr):
+        v = float(arr)
+        if not np.isfinite(v) or v < minimum:
+            raise ValueError(f"{name}: must be a number >= {minimum}, got {v}")
+    return arr.astype(jnp.result_type(float))
+
+
+def optimal_schedule(
+    problem,
+    *,
+    lr,
+    steps: int,
+    samples,
+    min_batch=1,
+    max_batch=None,
+    method: str = "closed_form",
+    rtol=None,
+    atol=None,
+    solver=None,
+    max_iter: int = 500,
+    gtol: float = 1e-9,
+) -> OptimalSchedule:
+    """The batch schedule minimising the predicted expected final loss for a sample budget.
+
+    Minimises ``sum_k phi_k / b_k`` subject to ``sum_k b_k = samples`` and
+    ``min_batch <= b_k <= max_batch`` (theory 4).
+
+    Methods:
+        ``"closed_form"``: ``phi`` from the adjoint system, the sqrt rule with bounds for ``beta``
+            and the exact integer optimum (threshold search plus marginal allocation) for
+            ``batch_sizes``.
+        ``"gradient"``: L-BFGS (optax) over a free-form schedule (one degree of freedom per step,
+            budget and bounds met by construction) through the diffrax-integrated moment system
+            (reverse mode through ``diffeqsolve``). Recovers the closed form; a cross-check.
+        ``"exact"``: L-BFGS through the exact discrete recursion (quadratic problems only): the
+            true optimum of discrete SGD's expected loss, started from the first-order optimum.
+
+    Args:
+        problem: a jaxsched problem.
+        lr: learning rate ``h > 0``.
+        steps: number of steps ``K`` (Python int).
+        samples: sample budget ``N``, ``steps * min_batch <= N <= steps * max_batch``.
+        min_batch, max_batch: bounds on each batch size (``max_batch=None``: unbounded).
+        method: one of ``"closed_form"``, ``"gradient"``, ``"exact"``.
+        rtol, atol, solver: ODE solver options (see :func:`jaxsched.expansion`).
+        max_iter, gtol: L-BFGS iteration cap and gradient-norm tolerance (iterative methods).
+
+    Returns:
+        An :class:`OptimalSchedule`.
+
+    Raises:
+        ValueError: naming the argument, for ``lr <= 0``, ``steps <= 0``, an infeasible budget,
+            ``min_batch > max_batch``, an unknown ``method``, or ``"exact"`` on a non-quadratic
+            problem.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: must be one of {METHODS}, got {method!r}")
+    ex.check_problem(problem)
+    steps = ex.check_steps(steps)
+    dtype = problem.x0.dtype
+    lr = ex.as_positive_scalar("lr", lr).astype(dtype)
+    lo = _as_count("min_batch", min_batch).astype(dtype)
+    samples_arr = _as_count("samples", samples).astype(dtype)
+    hi = None if max_batch is None else _as_count("max_batch", max_batch).astype(dtype)
+    if _is_concrete(lo, samples_arr, hi):
+        if hi is not None and float(lo) > float(hi):
+            raise ValueError(f"min_batch: {float(lo):g} exceeds max_batch {float(hi):g}")
+        if float(samples_arr) < steps * float(lo):
+            raise ValueError(
+                f"samples: budget {float(samples_arr):g} is below steps * min_batch = "
+                f"{steps * float(lo):g}"
+            )
+        if hi is not None and float(samples_arr) > steps * float(hi):
+            raise ValueError(
+                f"samples: budget {float(samples_arr):g} exceeds steps * max_batch = "
+                f"{steps * float(hi):g}"
+            )
+    if method == "exact" and not problem.is_quadratic:
+        raise ValueError(
+            f"method: 'exact' needs a quadratic problem with an exact recursion, got "
+            f"{type(problem).__name__}"
+        )
+    rtol, atol = ex._tolerances(dtype, rtol, atol)
+    solver = ex._default_solver(solver)
+    args = (problem, lr, samples_arr, lo, hi, rtol, atol, solver, steps)
+    if method == "closed_form":
+        return _closed_form_core(*args)
+    core = _gradient_core if method == "gradient" else _exact_core
+    return core(*args, int(max_iter), jnp.asarray(gtol, dtype))

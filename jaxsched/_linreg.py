@@ -1,0 +1,438 @@
+"""Ground truth for linear regression: exact discrete-time SGD moments (theory 5.2, 5.3) and the
+continuous-time closed forms for Gaussian features (theory 5.1).
+
+These are the independent references the expansion layer is checked against, so nothing here calls
+the expansion code: the exact recursions propagate the first two moments of ``v = x - x_ref`` through
+real minibatch SGD, and the closed forms integrate the eigen-decomposed sensitivity analytically.
+
+Exact moments. For a quadratic loss every per-sample gradient is affine in ``v``,
+``g_i(v) = A_i v + c_i``, so with ``mu = E v``, ``M = E v v^T`` and ``B = I - h S`` one SGD step
+``v' = v - h g`` (``E[g | v] = S v + cbar``, ``Cov[g | v] = w Sigma(v)``) gives exactly
+
+    mu' = B mu - h cbar
+    M'  = B M B^T - h (B mu cbar^T + cbar mu^T B^T) + h^2 cbar cbar^T + h^2 w E[Sigma(v)],
+    E f = tr(S M) / 2 + cbar . mu + const.
+
+With ``cbar = 0`` (centring at the least-squares solution, or at ``x_star`` for Gaussian features)
+this is theory 5.2 / 5.3 verbatim; keeping ``cbar`` (a rounding-level vector) makes the recursion
+exact for whatever centring point the least-squares solver returns, also in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._problems import (
+    AbstractProblem,
+    GaussianLinearRegression,
+    LinearRegressionData,
+    _as_float_array,
+    _is_concrete,
+)
+from ._types import Array, Float, Matrix, Scalar, ScalarLike, StepArray, Vector
+
+__all__ = [
+    "exact_expected_loss",
+    "exact_gd_loss",
+    "exact_loss_trajectory",
+    "gaussian_correction",
+    "gaussian_gd_loss",
+    "gaussian_phi",
+    "gaussian_sensitivity",
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# Input validation (concrete values only; under tracing the cores use eqx.error_if)
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_quadratic(problem) -> None:
+    if not isinstance(problem, AbstractProblem):
+        raise ValueError(  # noqa: TRY004  (project convention: ValueError naming the argument)
+            f"problem: expected a jaxsched problem, got {type(problem).__name__}"
+        )
+    if not problem.is_quadratic or not isinstance(
+        problem, (GaussianLinearRegression, LinearRegressionData)
+    ):
+        raise ValueError(
+            "problem: exact discrete moments need a quadratic problem "
+            "(GaussianLinearRegression or LinearRegressionData), "
+            f"got {type(problem).__name__}"
+        )
+
+
+def _check_gaussian(problem) -> None:
+    if not isinstance(problem, GaussianLinearRegression):
+        raise ValueError(  # noqa: TRY004  (project convention: ValueError naming the argument)
+            f"problem: closed forms need a GaussianLinearRegression, got {type(problem).__name__}"
+        )
+
+
+def _dtype(problem) -> jnp.dtype:
+    return problem.x0.dtype
+
+
+def _positive_scalar(name: str, value, dtype, *, allow_zero: bool = False) -> Scalar:
+    """A scalar array of ``dtype``, refused (when concrete) unless finite and > 0 (or >= 0)."""
+    arr = _as_float_array(name, value, ndim=0).astype(dtype)
+    if _is_concrete(arr):
+        val = float(arr)
+        if val < 0 or (val == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ValueError(f"{name}: must be {bound}, got {val}")
+    return arr
+
+
+def _steps(value, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(  # noqa: TRY004  (project convention: ValueError naming the argument)
+            f"steps: must be a Python int, got {type(value).__name__}"
+        )
+    if value < minimum:
+        raise ValueError(f"steps: must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _batch_sizes(problem, batch_sizes) -> StepArray:
+    """Batch sizes as a 1-D float array of the problem's dtype. ``+inf`` is allowed and means an
+    exact gradient (``w = 0``); NaN, ``-inf`` and entries ``<= 0`` are refused when concrete."""
+    try:
+        arr = jnp.asarray(batch_sizes)
+    except TypeError as e:
+        raise ValueError(f"batch_sizes: cannot be converted to an array ({e})") from None
+    if arr.ndim != 1:
+        raise ValueError(f"batch_sizes: expected a 1-D array, got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise ValueError("batch_sizes: must not be empty")
+    arr = arr.astype(_dtype(problem))
+    if _is_concrete(arr):
+        a = np.asarray(arr, dtype=np.float64)
+        if np.any(np.isnan(a)):
+            raise ValueError("batch_sizes: contains NaN")
+        if np.any(a <= 0):
+            raise ValueError(f"batch_sizes: entries must be > 0, got minimum {a.min()}")
+        if isinstance(problem, LinearRegressionData) and not problem.replace:
+            n = problem.num_examples
+            finite = a[np.isfinite(a)]
+            if finite.size and finite.max() > n:
+                raise ValueError(
+                    "batch_sizes: without replacement a batch cannot exceed the "
+                    f"{n} examples, got {finite.max()}"
+                )
+    return arr
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact discrete moments (theory 5.2, 5.3)
+# ------------------------------------------------------------------------------------------------
+
+
+class _QuadraticModel(NamedTuple):
+    """A quadratic problem in the centred variable ``v = x - x_ref``: ``E[g|v] = S v + cbar``,
+    ``E f = tr(S M)/2 + cbar . mu + const``, and ``noise(mu, M) = E[Sigma(v)]``."""
+
+    hess: Matrix
+    offset: Vector
+    v0: Vector
+    const: Scalar
+    noise: Callable[[Vector, Matrix], Matrix]
+
+
+def _gaussian_model(p: GaussianLinearRegression) -> _QuadraticModel:
+    S = p.cov
+
+    def noise(mu, M):
+        # E[Sigma(v)] = S M S + tr(S M) S + s2 S  (theory 5.2; Isserlis for the Gaussian 4th moment)
+        SM = S @ M
+        return SM @ S + (jnp.trace(SM) + p.noise_var) * S
+
+    v0 = p.x0 - p.x_star
+    return _QuadraticModel(S, jnp.zeros_like(v0), v0, 0.5 * p.noise_var, noise)
+
+
+def _data_model(p: LinearRegressionData) -> _QuadraticModel:
+    F, y = p.features, p.targets
+    n = p.num_examples
+    S = F.T @ F / n
+    # Least squares via SVD: the minimum-norm solution, so a singular S is fine.
+    x_hat = jnp.linalg.lstsq(F, y)[0]
+    r = F @ x_hat - y
+    cbar = F.T @ r / n  # zero up to rounding (normal equations); kept so the recursion is exact
+
+    def noise(mu, M):
+        # Q = mean_i E[g_i g_i^T] with g_i = a_i (a_i . v + r_i):
+        #   a_i a_i^T (q_i + 2 (a_i . mu) r_i + r_i^2),  q_i = a_i^T M a_i   -> O(n d^2), no n matrices
+        q = jnp.sum((F @ M) * F, axis=1)
+        weights = q + 2.0 * (F @ mu) * r + r**2
+        Q = (F * weights[:, None]).T @ F / n
+        Smu = S @ mu
+        mean_outer = S @ M @ S + jnp.outer(Smu, cbar) + jnp.outer(cbar, Smu) + jnp.outer(cbar, cbar)
+        return Q - mean_outer
+
+    return _QuadraticModel(S, cbar, p.x0 - x_hat, 0.5 * jnp.mean(r**2), noise)
+
+
+def _model(problem) -> _QuadraticModel:
+    if isinstance(problem, GaussianLinearRegression):
+        return _gaussian_model(problem)
+    return _data_model(problem)
+
+
+def _noise_weights(problem, batch_sizes: StepArray) -> StepArray:
+    """``w_k`` of theory 5.3 with ``b = +inf`` meaning ``w = 0``; the double ``where`` keeps the
+    gradient finite where ``b`` is infinite."""
+    infinite = jnp.isinf(batch_sizes)
+    safe = jnp.where(infinite, jnp.ones_like(batch_sizes), batch_sizes)
+    return jnp.where(infinite, jnp.zeros_like(batch_sizes), problem.noise_weight(safe))
+
+
+@eqx.filter_jit
+def _trajectory_core(problem, batch_sizes: StepArray, lr: Scalar) -> Float[Array, " steps+1"]:
+    lr = eqx.error_if(lr, lr <= 0, "lr: must be > 0")
+    batch_sizes = eqx.error_if(
+        batch_sizes, jnp.any(~(batch_sizes > 0)), "batch_sizes: entries must be > 0"
+    )
+    model = _model(problem)
+    S, cbar = model.hess, model.offset
+    B = jnp.eye(S.shape[0], dtype=S.dtype) - lr * S
+
+    def loss(mu, M):
+        return 0.5 * jnp.vdot(S, M) + jnp.dot(cbar, mu) + model.const
+
+    def step(carry, w):
+        mu, M = carry
+        Bmu = B @ mu
+        cross = jnp.outer(Bmu, cbar)
+        M_new = (
+            B @ M @ B.T
+            - lr * (cross + cross.T)
+            + lr**2 * (jnp.outer(cbar, cbar) + w * model.noise(mu, M))
+        )
+        M_new = 0.5 * (M_new + M_new.T)  # keep M exactly symmetric against rounding drift
+        mu_new = Bmu - lr * cbar
+        return (mu_new, M_new), loss(mu_new, M_new)
+
+    mu0 = model.v0
+    M0 = jnp.outer(mu0, mu0)
+    w = _noise_weights(problem, batch_sizes)
+    _, losses = jax.lax.scan(step, (mu0, M0), w)
+    return jnp.concatenate([loss(mu0, M0)[None], losses])
+
+
+def exact_loss_trajectory(
+    problem: AbstractProblem, batch_sizes: Float[Array, " steps"], *, lr: ScalarLike
+) -> Float[Array, " steps+1"]:
+    """Exact ``E f(x_k)``, ``k = 0..K``, of minibatch SGD on a quadratic problem (theory 5.2, 5.3).
+
+    Propagates ``mu_k = E v_k`` and ``M_k = E v_k v_k^T`` exactly through
+    ``x_{k+1} = x_k - h g_k`` with ``Cov[g_k | x_k] = w(b_k) Sigma(x_k)``, where ``w`` is
+    ``problem.noise_weight`` (``1/b``, or ``(n-b)/(b(n-1))`` without replacement). Real-valued batch
+    sizes are allowed and the result is differentiable in them; ``b = inf`` means an exact gradient.
+
+    Args:
+        problem: a ``GaussianLinearRegression`` or ``LinearRegressionData``.
+        batch_sizes: ``(K,)`` positive batch sizes ``b_k`` (real or integer; ``+inf`` allowed).
+        lr: learning rate ``h > 0``.
+
+    Returns:
+        ``(K + 1,)`` array of ``E f(x_k)`` in the problem's dtype.
+
+    Raises:
+        ValueError: ``problem`` not one of the two quadratic problems; ``lr <= 0``; ``batch_sizes``
+            not 1-D, empty, NaN or with entries ``<= 0`` (or ``> n`` without replacement). Value
+            checks run on concrete inputs; under tracing ``eqx.error_if`` guards them.
+    """
+    _check_quadratic(problem)
+    b = _batch_sizes(problem, batch_sizes)
+    h = _positive_scalar("lr", lr, _dtype(problem))
+    return _trajectory_core(problem, b, h)
+
+
+def exact_expected_loss(
+    problem: AbstractProblem, batch_sizes: Float[Array, " steps"], *, lr: ScalarLike
+) -> Scalar:
+    """Exact ``E f(x_K)`` after ``K = len(batch_sizes)`` SGD steps (theory 5.2, 5.3).
+
+    See ``exact_loss_trajectory`` for arguments and errors; this returns its last entry.
+    """
+    return exact_loss_trajectory(problem, batch_sizes, lr=lr)[-1]
+
+
+def exact_gd_loss(problem: AbstractProblem, *, lr: ScalarLike, steps: int) -> Scalar:
+    """``f(x_K)`` of plain gradient descent (every ``b_k = inf``, so ``w_k = 0``) on a quadratic
+    problem, through the same exact recursion as ``exact_expected_loss``.
+
+    Args:
+        problem: a ``GaussianLinearRegression`` or ``LinearRegressionData``.
+        lr: learning rate ``h > 0``.
+        steps: number of steps ``K >= 1`` (a Python int).
+
+    Raises:
+        ValueError: naming ``problem``, ``lr`` or ``steps``.
+    """
+    _check_quadratic(problem)
+    k = _steps(steps, minimum=1)
+    h = _positive_scalar("lr", lr, _dtype(problem))
+    b = jnp.full((k,), jnp.inf, dtype=_dtype(problem))
+    return _trajectory_core(problem, b, h)[-1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Closed forms for Gaussian features (theory 5.1)
+# ------------------------------------------------------------------------------------------------
+
+
+def _eigen(problem: GaussianLinearRegression) -> tuple[Vector, Vector]:
+    """Eigenvalues ``lam`` of ``S`` and ``z0 = U^T (x0 - x_star)``, ``v0`` in the eigenbasis."""
+    lam, U = jnp.linalg.eigh(problem.cov)
+    return lam, U.T @ (problem.x0 - problem.x_star)
+
+
+def _exprel_neg(x: Array) -> Array:
+    """``(1 - exp(-x)) / x`` for ``x >= 0`` (``= 1`` at 0), via ``expm1``; a Taylor series below
+    1e-4 keeps it exact and differentiable at 0 (error ``< x^4/120``)."""
+    small = x < 1e-4
+    safe = jnp.where(small, jnp.ones_like(x), x)
+    series = 1.0 - x / 2.0 + x**2 / 6.0 - x**3 / 24.0
+    return jnp.where(small, series, -jnp.expm1(-safe) / safe)
+
+
+@eqx.filter_jit
+def _phi_core(problem, t: Array, horizon: Scalar) -> Array:
+    lam, z0 = _eigen(problem)
+    t = t[..., None]
+    lz2 = lam * z0**2 * jnp.exp(-2.0 * lam * t)  # lam_i v_i(t)^2
+    quad = jnp.sum(lz2, axis=-1, keepdims=True) + problem.noise_var  # v^T S v + s2
+    return 0.5 * jnp.sum(lam**2 * jnp.exp(-2.0 * lam * (horizon - t)) * (lz2 + quad), axis=-1)
+
+
+def gaussian_phi(
+    problem: GaussianLinearRegression, t: Float[Array, "*shape"], *, horizon: ScalarLike
+) -> Float[Array, "*shape"]:
+    """Continuous-time sensitivity ``phi(t) = tr(Lam(t) Sigma(x(t)))`` for Gaussian features in
+    closed form (theory 5.1): in the eigenbasis of ``S`` (``lam_i``, ``v_i(t) = e^{-lam_i t} v0_i``)
+
+        phi(t) = (1/2) sum_i lam_i^2 e^{-2 lam_i (T - t)} [lam_i v_i(t)^2 + sum_j lam_j v_j(t)^2 + s2].
+
+    Args:
+        problem: a ``GaussianLinearRegression`` (any SPD ``cov``; rotated by ``eigh``).
+        t: times, any shape (meaningful on ``[0, T]``).
+        horizon: ``T > 0``.
+
+    Returns:
+        ``phi(t)`` with the shape of ``t``.
+
+    Raises:
+        ValueError: naming ``problem``, ``t`` (NaN/inf) or ``horizon``.
+    """
+    _check_gaussian(problem)
+    dtype = _dtype(problem)
+    T = _positive_scalar("horizon", horizon, dtype)
+    t = _as_float_array("t", t).astype(dtype)
+    return _phi_core(problem, t, T)
+
+
+@eqx.filter_jit
+def _sensitivity_core(problem, lr: Scalar, steps: int) -> StepArray:
+    lam, z0 = _eigen(problem)
+    # Write phi(t) = (1/2) sum_i lam_i^2 [ lam_i z0_i^2 e^{-2 lam_i T}
+    #                                      + sum_j wt_j e^{-2 lam_i (T - t) - 2 mu_j t} ],
+    # where (mu_j, wt_j) = (lam_j, lam_j z0_j^2) plus one extra pair (0, s2) for the label noise.
+    # Each term is an exponential of a linear function of t, integrated exactly per step.
+    mu = jnp.concatenate([lam, jnp.zeros((1,), lam.dtype)])
+    wt = jnp.concatenate([lam * z0**2, problem.noise_var[None].astype(lam.dtype)])
+    T = lr * steps
+    constant = 0.5 * jnp.sum(lam**3 * z0**2 * jnp.exp(-2.0 * lam * T))
+    slope = 2.0 * (lam[:, None] - mu[None, :])
+    ratio = _exprel_neg(jnp.abs(slope) * lr)
+
+    def one_step(k):
+        # Exponent at the step's ends; both <= 0 on [0, T], so exp of the larger one never
+        # overflows, and (1 - e^{-|c| h}) / (|c| h) handles c -> 0 and large |c| alike.
+        start = -2.0 * lam[:, None] * ((steps - k) * lr) - 2.0 * mu[None, :] * (k * lr)
+        end = start + slope * lr
+        integral = lr * jnp.exp(jnp.maximum(start, end)) * ratio
+        return lr * constant + 0.5 * jnp.sum(lam[:, None] ** 2 * wt[None, :] * integral)
+
+    ks = jnp.arange(steps, dtype=lam.dtype)
+    return jax.lax.map(one_step, ks, batch_size=min(steps, 256))
+
+
+def gaussian_sensitivity(
+    problem: GaussianLinearRegression, *, lr: ScalarLike, steps: int
+) -> StepArray:
+    """Per-step sensitivities ``phi_k = int_{kh}^{(k+1)h} phi(t) dt`` for Gaussian features, in
+    closed form (theory 4 and 5.1; ``T = steps * lr``). ``phi`` is a sum of ``O(d^2)``
+    exponentials ``e^{c t}``, each integrated exactly (``expm1`` for ``c -> 0``).
+
+    Then ``J1 = gaussian_correction + sum_k phi_k / b_k`` for a piecewise-constant schedule.
+
+    Args:
+        problem: a ``GaussianLinearRegression``.
+        lr: learning rate ``h > 0``.
+        steps: number of steps ``K >= 1`` (a Python int).
+
+    Returns:
+        ``(steps,)`` array ``phi_k``.
+
+    Raises:
+        ValueError: naming ``problem``, ``lr`` or ``steps``.
+    """
+    _check_gaussian(problem)
+    k = _steps(steps, minimum=1)
+    h = _positive_scalar("lr", lr, _dtype(problem))
+    return _sensitivity_core(problem, h, k)
+
+
+@eqx.filter_jit
+def _correction_core(problem, horizon: Scalar) -> Scalar:
+    lam, z0 = _eigen(problem)
+    return -0.5 * jnp.sum(lam**3 * z0**2 * horizon * jnp.exp(-2.0 * lam * horizon))
+
+
+def gaussian_correction(problem: GaussianLinearRegression, *, horizon: ScalarLike) -> Scalar:
+    """Schedule-independent part of ``J1`` for Gaussian features: ``grad F(x_T) . mc_T``
+    (theory 3; ``m = 0`` since ``D3f = 0``). Solving ``mc' = -S mc - (1/2) S^2 v(t)`` in the
+    eigenbasis gives the resonant ``mc_i(T) = -(1/2) lam_i^2 z0_i T e^{-lam_i T}``, so
+
+        grad F(x_T) . mc_T = -(1/2) sum_i lam_i^3 z0_i^2 T e^{-2 lam_i T}.
+
+    Args:
+        problem: a ``GaussianLinearRegression``.
+        horizon: ``T >= 0``.
+
+    Raises:
+        ValueError: naming ``problem`` or ``horizon``.
+    """
+    _check_gaussian(problem)
+    T = _positive_scalar("horizon", horizon, _dtype(problem), allow_zero=True)
+    return _correction_core(problem, T)
+
+
+@eqx.filter_jit
+def _gd_core(problem, horizon: Scalar) -> Scalar:
+    lam, z0 = _eigen(problem)
+    return 0.5 * jnp.sum(lam * z0**2 * jnp.exp(-2.0 * lam * horizon)) + 0.5 * problem.noise_var
+
+
+def gaussian_gd_loss(problem: GaussianLinearRegression, *, horizon: ScalarLike) -> Scalar:
+    """``F(x_T) = f(x(T))`` of gradient flow ``x' = -S (x - x_star)`` for Gaussian features:
+    ``(1/2) sum_i lam_i z0_i^2 e^{-2 lam_i T} + s2 / 2`` (theory 5.1).
+
+    Args:
+        problem: a ``GaussianLinearRegression``.
+        horizon: ``T >= 0``.
+
+    Raises:
+        ValueError: naming ``problem`` or ``horizon``.
+    """
+    _check_gaussian(problem)
+    T = _positive_scalar("horizon", horizon, _dtype(problem), allow_zero=True)
+    return _gd_core(problem, T)

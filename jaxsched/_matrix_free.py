@@ -1,0 +1,365 @@
+"""Matrix-free sensitivity ``phi(t) = tr(Lam(t) Sigma(x(t)))`` for large models (theory 4).
+
+Derivation. Let ``Phi_{t->T}`` be the gradient-flow map (``x' = -grad f``) from time ``t`` to ``T``
+and ``V_t(y) = F(Phi_{t->T}(y))`` the terminal loss as a function of the state at time ``t``. Then
+
+    Lam(t) = (1/2) hess V_t(x(t)).
+
+Proof: with ``J(s, t) = d Phi_{t->s} / dy`` (``dJ/ds = -H(x(s)) J``) and ``a(s) = J(T, s)^T grad F``,
+differentiating ``F(Phi(x + e g))`` twice in ``e`` gives
+
+    g^T hess V_t g = w(T)^T hess F w(T) + grad F . z(T)
+                   = w(T)^T hess F w(T) - int_t^T D3f(x(s))[a(s), w(s), w(s)] ds,
+
+    w' = -H(x) w,                       w(t) = g,
+    z' = -H(x) z - D3f(x)[w, w, .],     z(t) = 0,
+
+and the right-hand side, as a function of ``t``, solves ``Lam' = H Lam + Lam H + (1/2) D3f[a]``
+with ``Lam(T) = (1/2) hess F`` (the backward system of theory 4; note the *minus* sign in front of
+the integral: the source term is integrated backward from ``T``). The pair ``(w, z)`` is the
+second-order Taylor expansion in ``e`` of the flow started at ``x(t) + e g``, and its right-hand
+side is the second-order Taylor expansion of ``e -> grad f(x + e w + e^2 z / 2)``: two nested
+forward-mode derivatives of the gradient (``H w`` and ``H z + D3f[w, w, .]`` at once). No adjoint
+``a(s)``, no backward pass and no ``d x d`` matrix is needed.
+
+With ``Sigma = (1/n) sum_i g~_i g~_i^T`` (``g~_i = g_i - gbar`` centred per-example gradients, the
+centring by the exact full gradient),
+
+    phi(t) = (1/n) sum_i q_i(t),    q_i(t) = g~_i^T Lam(t) g~_i = (1/2) [w_i(T)^T hess F w_i(T) + grad F . z_i(T)].
+
+Per step, ``phi_k = int_{kh}^{(k+1)h} phi(t) dt`` is a quadrature over nodes: ``nodes_per_panel``
+Gauss–Legendre nodes in each panel of ``steps_per_panel`` steps; each step's integral is the exact
+integral of the panel's interpolating polynomial over that step. With ``steps_per_panel=1`` this is
+per-step Gauss–Legendre (error ``O(h^(2q+1))``); coarser panels trade accuracy for speed.
+
+Subsampling: with ``num_examples = m < n`` a uniform sample of ``m`` examples *without*
+replacement (the same sample at every node, so errors are smooth in ``t``) gives the unbiased
+estimator ``(1/m) sum_{i in S} q_ik`` of ``phi_k``, whose standard error is
+``sqrt((1 - m/n) s_k^2 / m)`` (``s_k^2`` the sample variance of ``q_ik``; finite-population
+correction, so it is 0 when ``m = n``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._data_problem import DataProblem
+from ._problems import _is_concrete
+from ._types import Array, Float, Int, Scalar, StepArray, Vector
+
+__all__ = [
+    "MatrixFreeSensitivity",
+    "NegativeSensitivityReport",
+    "negative_sensitivity_report",
+    "sensitivity_matrix_free",
+]
+
+
+class MatrixFreeSensitivity(eqx.Module):
+    """Result of :func:`sensitivity_matrix_free`.
+
+    Attributes:
+        phi: ``(steps,)`` per-step sensitivities ``phi_k`` (exact, or the unbiased subsample estimate).
+        stderr: ``(steps,)`` standard errors of ``phi`` (zeros when all examples are used).
+        node_times: ``(nodes,)`` the times ``t_j`` where ``phi(t)`` was evaluated.
+        phi_nodes: ``(nodes,)`` ``phi(t_j)`` (estimates when subsampling).
+        num_examples: how many examples were used (``n`` in exact mode).
+        exact: whether all examples were used.
+    """
+
+    phi: StepArray
+    stderr: StepArray
+    node_times: Float[Array, " nodes"]
+    phi_nodes: Float[Array, " nodes"]
+    num_examples: int = eqx.field(static=True)
+    exact: bool = eqx.field(static=True)
+
+
+def _panel_quadrature(steps: int, steps_per_panel: int, nodes_per_panel: int):
+    """Nodes ``tau_j`` (in units of steps) and weights ``W[k, j]`` with
+    ``int_k^{k+1} p(tau) dtau = sum_j W[k, j] p(tau_j)`` for the interpolating polynomial ``p`` of
+    each panel (exact for polynomials of degree ``< nodes_per_panel`` on each panel)."""
+    q = nodes_per_panel
+    xi, _ = np.polynomial.legendre.leggauss(q)
+    # Coefficients of the Lagrange basis in the Legendre basis: columns of inv(V).
+    coef = np.linalg.inv(np.polynomial.legendre.legvander(xi, q - 1))
+    # Antiderivative of each Legendre basis polynomial, to integrate over sub-intervals exactly.
+    anti = [np.polynomial.legendre.legint(np.eye(q)[j]) for j in range(q)]
+    starts = list(range(0, steps, steps_per_panel))
+    nodes = np.zeros(len(starts) * q)
+    W = np.zeros((steps, len(starts) * q))
+    for p, p0 in enumerate(starts):
+        p1 = min(p0 + steps_per_panel, steps)
+        half = 0.5 * (p1 - p0)
+        nodes[p * q:(p + 1) * q] = p0 + half * (xi + 1.0)
+        for k in range(p0, p1):
+            lo, hi = (k - p0) / half - 1.0, (k + 1 - p0) / half - 1.0
+            # integral over [lo, hi] of each Legendre polynomial P_l, l < q
+            ints = np.array([np.polynomial.legendre.legval(hi, anti[l])
+                             - np.polynomial.legendre.legval(lo, anti[l]) for l in range(q)])
+            W[k, p * q:(p + 1) * q] = half * (ints @ coef)
+    return nodes, W
+
+
+def _jet2(grad_fn, x: Vector, w: Vector, z: Vector) -> tuple[Vector, Vector]:
+    """``(H w, H z + D3f[w, w, .])``: the first two Taylor coefficients of
+    ``e -> grad f(x + e w + e^2 z / 2)``, by two nested forward-mode derivatives."""
+    def d1(e):
+        return jax.jvp(lambda s: grad_fn(x + s * w + 0.5 * s * s * z), (e,), (jnp.ones_like(e),))[1]
+
+    e0 = jnp.zeros((), x.dtype)
+    return jax.jvp(d1, (e0,), (jnp.ones_like(e0),))
+
+
+def _second_variation_field(t, y, problem):
+    x, W, Z = y
+    HW, S = jax.vmap(_jet2, in_axes=(None, None, 0, 0))(problem.gradient, x, W, Z)
+    return (-problem.gradient(x), -HW, -S)
+
+
+def _flow_field(t, x, problem):
+    return -problem.gradient(x)
+
+
+def _solve(field, y0, t0, t1, problem, solver, rtol, atol, max_steps):
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(field),
+        solver,
+        t0=t0,
+        t1=t1,
+        dt0=None,
+        y0=y0,
+        args=problem,
+        saveat=diffrax.SaveAt(t1=True),
+        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+        max_steps=max_steps,
+        # Nothing here is differentiated, so no checkpointing is needed.
+        adjoint=diffrax.DirectAdjoint(),
+    )
+    return jax.tree_util.tree_map(lambda leaf: leaf[-1], sol.ys)
+
+
+@eqx.filter_jit
+def _matrix_free_core(problem, lr, rtol, atol, tau, index_chunks, mask_chunks, solver,
+                      steps, max_steps):
+    dtype = problem.x0.dtype
+    T = lr * steps
+    times = lr * tau
+
+    def node_value(x, t):
+        """``q_i(t)`` for every sampled example ``i``, pushed forward chunk by chunk."""
+        gbar = problem.gradient(x)
+
+        def chunk(inp):
+            idx, mask = inp
+            W0 = (problem.per_example_gradients(x, idx) - gbar) * mask[:, None]
+            xT, WT, ZT = _solve(_second_variation_field, (x, W0, jnp.zeros_like(W0)), t, T,
+                                problem, solver, rtol, atol, max_steps)
+            gF = problem.terminal_gradient(xT)
+            HFW = jax.vmap(lambda w: jax.jvp(problem.terminal_gradient, (xT,), (w,))[1])(WT)
+            return 0.5 * (jnp.sum(WT * HFW, axis=1) + ZT @ gF) * mask
+
+        return jax.lax.map(chunk, (index_chunks, mask_chunks)).reshape(-1)
+
+    def scan_node(carry, t):
+        t_prev, x_prev = carry
+        # The path is integrated node to node, so only one state vector is ever stored.
+        x = _solve(_flow_field, x_prev, t_prev, t, problem, solver, rtol, atol, max_steps)
+        return (t, x), node_value(x, t)
+
+    _, q_nodes = jax.lax.scan(scan_node, (jnp.zeros((), dtype), problem.x0), times)
+    return q_nodes  # (nodes, padded examples)
+
+
+def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name}: must be an int, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name}: must be {bound}, got {value}")
+    return int(value)
+
+
+def _positive(name: str, value, dtype) -> Scalar:
+    try:
+        arr = jnp.asarray(value, dtype)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: must be a number, got {value!r}") from None
+    if arr.ndim != 0:
+        raise ValueError(f"{name}: must be a scalar, got shape {arr.shape}")
+    if _is_concrete(arr) and not (np.isfinite(float(arr)) and float(arr) > 0):
+        raise ValueError(f"{name}: must be a finite number > 0, got {float(arr)}")
+    return arr
+
+
+def sensitivity_matrix_free(
+    problem: DataProblem,
+    *,
+    lr,
+    steps: int,
+    num_examples: int | None = None,
+    chunk_size: int = 16,
+    key: Array | None = None,
+    nodes_per_panel: int = 3,
+    steps_per_panel: int = 1,
+    rtol=None,
+    atol=None,
+    solver: diffrax.AbstractSolver | None = None,
+    max_steps: int = 16384,
+) -> MatrixFreeSensitivity:
+    """Per-step sensitivities ``phi_k`` (theory 4) without forming any ``d x d`` matrix.
+
+    ``phi(t) = (1/n) sum_i g~_i^T Lam(t) g~_i`` with ``g~_i`` the centred per-example gradients at
+    ``x(t)`` and ``g^T Lam(t) g`` from the second variation of the gradient flow from ``t`` to ``T``
+    (see the module docstring): for each quadrature node, the centred gradients of a chunk of
+    examples are pushed to ``T`` by an adaptive diffrax solve of ``w' = -H w``,
+    ``z' = -H z - D3f[w, w]`` using forward-mode Hessian-vector products only.
+
+    Cost: ``nodes * chunks`` ODE solves, each step costing ``chunk_size`` second-order
+    forward-mode gradients of the full loss, i.e. ``O(nodes * m * n * d * solver steps)`` for ``m``
+    sampled examples. ``nodes = ceil(steps / steps_per_panel) * nodes_per_panel``.
+
+    Memory: ``O(d * chunk_size)`` -- the ODE state ``(x, W, Z)`` holds ``(2 chunk_size + 1) d``
+    numbers (times the solver's fixed number of stages), plus the activations of ``chunk_size``
+    simultaneous forward-mode passes over one chunk of ``problem.chunk_size`` examples, plus
+    ``nodes * m`` scalars of results. Never ``d^2``.
+
+    Args:
+        problem: a :class:`DataProblem` (per-example gradients are needed).
+        lr: learning rate ``h > 0``; the horizon is ``T = steps * h``.
+        steps: number of SGD steps ``K``.
+        num_examples: ``m``, the number of examples used (default: all ``n``, exact). With
+            ``2 <= m < n`` a uniform sample without replacement gives an unbiased estimate and its
+            standard error.
+        chunk_size: how many per-example gradient vectors are pushed forward together.
+        key: a ``jax.random`` key; required when ``num_examples < n``.
+        nodes_per_panel: Gauss–Legendre nodes per panel (accuracy order in each panel).
+        steps_per_panel: steps per panel; 1 gives per-step Gauss–Legendre. Larger values evaluate
+            ``phi(t)`` on a coarser grid and integrate its interpolating polynomial over each step.
+        rtol, atol: diffrax step-size tolerances (default 1e-9/1e-12 in float64, 1e-5/1e-7 in
+            float32).
+        solver: a diffrax ODE solver (default ``Tsit5``).
+        max_steps: the maximum number of solver steps of one solve.
+
+    Returns:
+        A :class:`MatrixFreeSensitivity` with ``phi``, ``stderr``, ``node_times`` and ``phi_nodes``.
+
+    Raises:
+        ValueError: naming the argument, for a problem that is not a ``DataProblem``, ``lr <= 0``,
+            bad integers, or a missing ``key`` when subsampling.
+    """
+    if not isinstance(problem, DataProblem):
+        raise ValueError(
+            f"problem: the matrix-free path needs per-example gradients (a DataProblem), got "
+            f"{type(problem).__name__}"
+        )
+    dtype = problem.x0.dtype
+    n = problem.num_examples
+    steps = _check_int("steps", steps, 1)
+    m = n if num_examples is None else _check_int("num_examples", num_examples, 2, n)
+    chunk_size = _check_int("chunk_size", chunk_size, 1)
+    nodes_per_panel = _check_int("nodes_per_panel", nodes_per_panel, 1, 32)
+    steps_per_panel = _check_int("steps_per_panel", steps_per_panel, 1)
+    max_steps = _check_int("max_steps", max_steps, 1)
+    lr = _positive("lr", lr, dtype)
+    f64 = jnp.dtype(dtype) == jnp.float64
+    rtol = _positive("rtol", (1e-9 if f64 else 1e-5) if rtol is None else rtol, dtype)
+    atol = _positive("atol", (1e-12 if f64 else 1e-7) if atol is None else atol, dtype)
+    solver = diffrax.Tsit5() if solver is None else solver
+
+    exact = m == n
+    if exact:
+        indices = jnp.arange(n)
+    else:
+        if key is None:
+            raise ValueError("key: a jax.random key is required when num_examples < n")
+        indices = jax.random.choice(key, n, (m,), replace=False)
+    c = min(chunk_size, m)
+    num_chunks = -(-m // c)
+    pad = num_chunks * c - m
+    index_chunks = jnp.concatenate([indices, jnp.zeros(pad, indices.dtype)]).reshape(num_chunks, c)
+    mask_chunks = jnp.concatenate([jnp.ones(m, dtype), jnp.zeros(pad, dtype)]).reshape(
+        num_chunks, c)
+
+    tau, weights = _panel_quadrature(steps, steps_per_panel, nodes_per_panel)
+    tau = jnp.asarray(tau, dtype)
+    weights = jnp.asarray(weights, dtype)
+    q_nodes = _matrix_free_core(problem, lr, rtol, atol, tau, index_chunks, mask_chunks,
+                                solver, steps, max_steps)[:, :m]
+    q_steps = lr * (weights @ q_nodes)  # (steps, m): per-example per-step integrals
+    phi = jnp.mean(q_steps, axis=1)
+    if exact:
+        stderr = jnp.zeros_like(phi)
+    else:
+        stderr = jnp.sqrt((1.0 - m / n) * jnp.var(q_steps, axis=1, ddof=1) / m)
+    return MatrixFreeSensitivity(
+        phi=phi,
+        stderr=stderr,
+        node_times=lr * tau,
+        phi_nodes=jnp.mean(q_nodes, axis=1),
+        num_examples=m,
+        exact=exact,
+    )
+
+
+class NegativeSensitivityReport(NamedTuple):
+    """Where noise does not hurt to first order (``phi_k <= 0``, theory 4).
+
+    Attributes:
+        steps: indices ``k`` with ``phi_k <= 0``.
+        share_of_steps: their fraction of all steps.
+        share_of_mass: ``sum_{phi_k <= 0} |phi_k| / sum_k |phi_k|``.
+        batch_sizes: the schedule's batch sizes at those steps (all ``min_batch`` for the optimum).
+        at_min_batch: whether every such step is at the schedule's smallest batch size.
+    """
+
+    steps: Int[np.ndarray, " m"]
+    share_of_steps: float
+    share_of_mass: float
+    batch_sizes: np.ndarray
+    at_min_batch: bool
+
+
+def negative_sensitivity_report(phi, batch_sizes=None) -> NegativeSensitivityReport:
+    """Summarise the steps where the sensitivity is not positive.
+
+    ``phi_k`` can be negative only through the third-derivative term (theory 4); there the optimal
+    schedule uses the smallest allowed batch. This reports where and how much.
+
+    Args:
+        phi: ``(steps,)`` per-step sensitivities (e.g. ``optimal_schedule(...).phi``).
+        batch_sizes: optional ``(steps,)`` schedule to inspect at those steps.
+
+    Returns:
+        A :class:`NegativeSensitivityReport`.
+
+    Raises:
+        ValueError: for a non 1-D or non-finite ``phi`` or a ``batch_sizes`` of another length.
+    """
+    p = np.asarray(phi, dtype=np.float64)
+    if p.ndim != 1 or p.size == 0:
+        raise ValueError(f"phi: must be a non-empty 1-D array, got shape {p.shape}")
+    if not np.all(np.isfinite(p)):
+        raise ValueError("phi: contains NaN or infinite values")
+    neg = np.flatnonzero(p <= 0)
+    total = float(np.sum(np.abs(p)))
+    mass = float(np.sum(np.abs(p[neg])) / total) if total > 0 else 0.0
+    if batch_sizes is None:
+        b = np.zeros(0)
+        at_min = True
+    else:
+        bs = np.asarray(batch_sizes)
+        if bs.shape != p.shape:
+            raise ValueError(f"batch_sizes: expected shape {p.shape} to match phi, got {bs.shape}")
+        b = bs[neg]
+        at_min = bool(np.all(b == bs.min())) if neg.size else True
+    return NegativeSensitivityReport(
+        steps=neg, share_of_steps=neg.size / p.size, share_of_mass=mass, batch_sizes=b,
+        at_min_batch=at_min,
+    )

@@ -1,0 +1,720 @@
+"""Schedule families, integer rounding to an exact budget, a differentiable free-form
+parametrisation, and export (a step -> batch-size callable, compression to a few stages).
+
+Every schedule here meets its sample budget ``sum_k b_k = samples`` exactly (integers) or by
+construction (the real-valued free form), within ``min_batch <= b_k <= max_batch``. The jitted
+functions take ``steps`` as a static Python int (it is a shape) and everything else as array
+leaves, so sweeping ``samples``, the bounds or a family parameter never recompiles.
+``compress_stages`` is an export tool written in NumPy (not jitted).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ._allocation import (
+    _check_budget,
+    _check_scalar,
+    _check_steps_array,
+    _guard_feasible,
+    _is_tracer,
+    _scale_clip,
+    first_order_objective,
+    integer_optimum,
+)
+from ._types import Array, ArrayLike, Float, Int, ScalarLike
+
+__all__ = [
+    "compress_stages",
+    "constant_schedule",
+    "free_form_batch_sizes",
+    "free_form_init",
+    "linear_ramp",
+    "round_to_budget",
+    "schedule_fn",
+    "step_doubling",
+]
+
+
+def _check_steps(steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps: must be a Python int >= 1 (it is a shape), got {steps!r}")
+    return int(steps)
+
+
+# --------------------------------------------------------------------------------------------
+# rounding to an exact integer budget
+# --------------------------------------------------------------------------------------------
+def _round_core(beta, samples, lo, hi):
+    """Traced body of ``round_to_budget`` (integer ``samples``, ``lo``, ``hi``)."""
+    steps = beta.shape[0]
+    fdtype = jnp.result_type(beta.dtype, float)
+    feasible_hi = hi
+    hi = jnp.minimum(hi, samples - (steps - 1) * lo)  # implied by the budget; keeps it finite
+    n_f, lo_f, hi_f = (x.astype(fdtype) for x in (samples, lo, hi))
+    w = jnp.maximum(beta.astype(fdtype), 0.0)
+    target = _scale_clip(w, n_f, lo_f, hi_f)
+    # Zero weights stay at lo unless the positive steps are all at hi: then spread the excess.
+    zero = w == 0
+    n_zero = jnp.sum(zero)
+    excess = jnp.maximum(n_f - (steps - n_zero) * hi_f - n_zero * lo_f, 0.0)
+    target = target + jnp.where(zero, excess / jnp.maximum(n_zero, 1), 0.0)
+    target = jnp.clip(target, lo_f, hi_f)
+
+    b = jnp.clip(jnp.floor(target).astype(lo.dtype), lo, hi)
+    left = samples - jnp.sum(b)
+    frac = jnp.where(b < hi, target - b, -jnp.inf)
+    # Largest remainders first; exact ties go to later steps (schedules usually grow).
+    order = steps - 1 - jnp.argsort(-frac[::-1], stable=True)
+    rank = jnp.zeros(steps, lo.dtype).at[order].set(jnp.arange(steps, dtype=lo.dtype))
+    b = b + (rank < left).astype(b.dtype)
+
+    # Safety net for rounding pathologies (never triggers in exact arithmetic): move single
+    # samples towards the target until the budget is exact.
+    def move(b):
+        gap = samples - jnp.sum(b)
+        err = target - b
+        up = b.shape[0] - 1 - jnp.argmax(jnp.where(b < hi, err, -jnp.inf)[::-1])
+        down = jnp.argmin(jnp.where(b > lo, err, jnp.inf))
+        b = b.at[up].add((gap > 0).astype(b.dtype))
+        return b.at[down].add(-(gap < 0).astype(b.dtype))
+
+    b = lax.while_loop(lambda b: jnp.sum(b) != samples, move, b)
+    return _guard_feasible(b, samples, lo, feasible_hi)
+
+
+_round_jit = eqx.filter_jit(_round_core)
+
+
+def _int_budget(steps, samples, min_batch, max_batch):
+    n, lo, hi = _check_budget(steps, samples, min_batch, max_batch, integer=True)
+    dtype = jnp.result_type(n.dtype, lo.dtype, hi.dtype)
+    return n.astype(dtype), lo.astype(dtype), hi.astype(dtype)
+
+
+def round_to_budget(
+    beta: Float[ArrayLike, " steps"],
+    samples: ScalarLike,
+    *,
+    min_batch: ScalarLike = 1,
+    max_batch: ScalarLike | None = None,
+) -> Int[Array, " steps"]:
+    """Integer batch sizes close to ``beta`` with ``sum == samples`` exactly, within bounds.
+
+    ``beta`` is first rescaled and clipped into the bounds, ``t_k = clip(s beta_k, lo, hi)`` with
+    ``s`` chosen so that ``sum t = samples`` (the same exact solve as the square-root rule; a
+    feasible ``beta`` is returned unchanged), then floored, and the remaining samples go to the
+    largest fractional parts among steps below ``max_batch`` (largest-remainder rounding). Entries
+    ``beta_k <= 0`` are treated as 0 (they get ``min_batch`` unless the budget forces more).
+
+    Args:
+        beta: target real batch sizes, shape ``(steps,)``.
+        samples: the integer budget.
+        min_batch: integer lower bound ``>= 1``.
+        max_batch: integer upper bound or ``None``.
+
+    Returns:
+        Integer batch sizes, shape ``(steps,)``.
+
+    Raises:
+        ValueError: ``beta`` not 1-D or not finite, or an infeasible budget (see
+            ``integer_optimum``).
+    """
+    beta = _check_steps_array("beta", beta)
+    n, lo, hi = _int_budget(beta.shape[0], samples, min_batch, max_batch)
+    return _round_jit(beta, n, lo, hi)
+
+
+# --------------------------------------------------------------------------------------------
+# baseline families
+# --------------------------------------------------------------------------------------------
+@eqx.filter_jit
+def _constant_core(steps, samples, lo, hi):
+    return _round_core(jnp.ones(steps), samples, lo, hi)
+
+
+@eqx.filter_jit
+def _ramp_core(steps, ratio, samples, lo, hi):
+    t = jnp.linspace(0.0, 1.0, steps) if steps > 1 else jnp.zeros(1)
+    return _round_core(1.0 + (ratio - 1.0) * t, samples, lo, hi)
+
+
+@eqx.filter_jit
+def _doubling_core(steps, stages, samples, lo, hi):
+    stage = (jnp.arange(steps) * stages) // steps
+    return _round_core(jnp.exp2(stage.astype(jnp.result_type(float))), samples, lo, hi)
+
+
+def constant_schedule(
+    steps: int,
+    samples: ScalarLike,
+    *,
+    min_batch: ScalarLike = 1,
+    max_batch: ScalarLike | None = None,
+) -> Int[Array, " steps"]:
+    """The constant schedule ``b_k = samples / steps``, rounded to integers with the exact budget
+    (when ``steps`` does not divide ``samples`` the last ``samples mod steps`` steps get one more).
+
+    Raises:
+        ValueError: ``steps`` not a positive int, or an infeasible budget.
+    """
+    steps = _check_steps(steps)
+    return _constant_core(steps, *_int_budget(steps, samples, min_batch, max_batch))
+
+
+def linear_ramp(
+    steps: int,
+    samples: ScalarLike,
+    *,
+    ratio: ScalarLike = 8.0,
+    min_batch: ScalarLike = 1,
+    max_batch: ScalarLike | None = None,
+) -> Int[Array, " steps"]:
+    """A linearly growing schedule with ``b_last / b_first = ratio`` (before rounding and
+    clipping into the bounds), integer with the exact budget (``round_to_budget``).
+
+    Args:
+        steps: number of steps (static).
+        samples: integer budget.
+        ratio: last-to-first ratio, ``> 0`` (``< 1`` gives a decreasing ramp); an array leaf.
+        min_batch, max_batch: integer bounds.
+
+    Raises:
+        ValueError: ``ratio <= 0``, ``steps`` not a positive int, or an infeasible budget.
+    """
+    steps = _check_steps(steps)
+    r = _check_scalar("ratio", ratio, integer=False)
+    if not _is_tracer(r) and float(r) <= 0:
+        raise ValueError(f"ratio: must be > 0, got {float(r):g}")
+    return _ramp_core(steps, r, *_int_budget(steps, samples, min_batch, max_batch))
+
+
+def step_doubling(
+    steps: int,
+    samples: ScalarLike,
+    *,
+    stages: ScalarLike = 4,
+    min_batch: ScalarLike = 1,
+    max_batch: ScalarLike | None = None,
+) -> Int[Array, " steps"]:
+    """``stages`` stages of (nearly) equal length, step ``k`` in stage ``floor(k stages/steps)``,
+    the batch size doubling from one stage to the next; integer with the exact budget
+    (``round_to_budget``), so the doubling holds up to rounding and clipping into the bounds.
+
+    Raises:
+        ValueError: ``stages`` not in ``[1, steps]``, or an infeasible budget.
+    """
+    steps = _check_steps(steps)
+    s = _check_scalar("stages", stages, integer=True)
+    if not _is_tracer(s) and not 1 <= int(s) <= steps:
+        raise ValueError(f"stages: must be between 1 and steps = {steps}, got {int(s)}")
+    return _doubling_core(steps, s, *_int_budget(steps, samples, min_batch, max_batch))
+
+
+# --------------------------------------------------------------------------------------------
+# differentiable free-form parametrisation
+# --------------------------------------------------------------------------------------------
+def _real_budget(steps, samples, min_batch, max_batch, dtype):
+    # min_batch = 0 is allowed here: softmax / sigmoid never reach the bound exactly.
+    n, lo, hi = _check_budget(steps, samples, min_batch, max_batch, integer=False,
+                              zero_min_ok=True)
+    return n.astype(dtype), lo.astype(dtype), (None if max_batch is None else hi.astype(dtype))
+
+
+@eqx.filter_jit
+def _free_core(theta, samples, lo, hi):
+    steps = theta.shape[0]
+    spare = samples - steps * lo
+    if hi is None:
+        return lo + spare * jax.nn.softmax(theta)
+    width = hi - lo
+    m = spare / jnp.where(width > 0, width, 1.0)  # sum_k sigmoid(theta_k - c) must equal m
+    interior = (m > 0) & (m < steps) & (width > 0)
+    m_safe = jnp.where(interior, m, 0.5 * steps)  # keeps the unused branch finite for grads
+    p = m_safe / steps
+    logit_p = jnp.log(p) - jnp.log1p(-p)
+    th = lax.stop_gradient(theta)
+    m_sg = lax.stop_gradient(m_safe)
+
+    # sum sigmoid(theta - c) is decreasing in c and equals m somewhere in [min - logit, max - logit].
+    def halve(_, ab):
+        a, b = ab
+        mid = 0.5 * (a + b)
+        high = jnp.sum(jax.nn.sigmoid(th - mid)) > m_sg
+        return jnp.where(high, mid, a), jnp.where(high, b, mid)
+
+    a, b = lax.fori_loop(0, 100, halve, (jnp.min(th) - logit_p, jnp.max(th) - logit_p))
+    c0 = lax.stop_gradient(0.5 * (a + b))
+    # One Newton step outside stop_gradient: at the root its derivative is the implicit-function
+    # derivative dc/dtheta_k = sigma'_k / sum_j sigma'_j, so gradients are exact.
+    s = jax.nn.sigmoid(theta - c0)
+    c = c0 + (jnp.sum(s) - m_safe) / jnp.sum(s * (1.0 - s))
+    b = lo + width * jax.nn.sigmoid(theta - c)
+    return jnp.where(interior, b, jnp.where(m <= 0, lo, hi) * jnp.ones_like(b))
+
+
+def free_form_batch_sizes(
+    theta: Float[ArrayLike, " steps"],
+    samples: ScalarLike,
+    *,
+    min_batch: ScalarLike = 1,
+    max_batch: ScalarLike | None = None,
+) -> Float[Array, " steps"]:
+    """Real batch sizes from unconstrained parameters ``theta``, meeting the budget and the
+    bounds by construction, for gradient descent on a schedule.
+
+    - ``max_batch=None``: ``b = lo + (samples - steps lo) softmax(theta)``.
+    - with ``max_batch``: ``b_k = lo + (hi - lo) sigmoid(theta_k - c)`` with the shift ``c``
+      solving ``sum_k b_k = samples``; ``c`` is found by bisection under ``stop_gradient`` plus
+      one Newton step outside it, so the value is exact to rounding and the gradient equals the
+      implicit-function gradient.
+
+    ``theta`` is invariant to adding a constant. Differentiable in ``theta``, ``samples`` and the
+    bounds.
+
+    Args:
+        theta: parameters, shape ``(steps,)``.
+        samples: real budget.
+        min_batch: lower bound ``>= 0``.
+        max_batch: upper bound or ``None``.
+
+    Returns:
+        Real batch sizes, shape ``(steps,)``.
+
+    Raises:
+        ValueError: ``theta`` not 1-D or not finite, or an infeasible budget.
+    """
+    theta = _check_steps_array("theta", theta)
+    n, lo, hi = _real_budget(theta.shape[0], samples, min_batch, max_batch, theta.dtype)
+    return _free_core(theta, n, lo, hi)
+
+
+@eqx.filter_jit
+def _free_init_core(beta, samples, lo, hi, eps):
+    steps = beta.shape[0]
+    spare = samples - steps * lo
+    cap = jnp.minimum(samples - (steps - 1) * lo, samples if hi is None else hi)
+    # Project onto the feasible set first (identity for a feasible beta).
+    tiny = jnp.finfo(beta.dtype).tiny  # _scale_clip brackets in log space: needs lo > 0
+    target = _scale_clip(jnp.maximum(beta, 0.0), samples, jnp.maximum(lo, tiny), cap)
+    if hi is None:
+        share = (target - lo) / jnp.where(spare > 0, spare, 1.0)
+        return jnp.log(jnp.maximum(share, eps / steps))
+    p = jnp.clip((target - lo) / jnp.where(hi > lo, hi - lo, 1.0), eps, 1.0 - eps)
+    return jnp.log(p) - jnp.log1p(-p)
+
+
+def free_form_init(
+    beta: Float[ArrayLike, " steps"],
+    samples: ScalarLike,
+    *,
+    min_batch: ScalarLike = 1,
+    max_batch: ScalarLike | None = None,
+    eps: float = 1e-9,
+) -> Float[Array, " steps"]:
+    """Parameters ``theta`` with ``free_form_batch_sizes(theta, ...) ~= beta``.
+
+    ``beta`` is first rescaled/clipped into the feasible set (a no-op for a feasible ``beta``).
+    Entries at a bound can only be approached: their softmax share or sigmoid is clamped to
+    ``eps``, so the reproduction error is about ``eps * (samples - steps * min_batch)``.
+
+    Raises:
+        ValueError: ``beta`` not 1-D or not finite, or an infeasible budget.
+    """
+    beta = _check_steps_array("beta", beta)
+    n, lo, hi = _real_budget(beta.shape[0], samples, min_batch, max_batch, beta.dtype)
+    return _free_init_core(beta, n, lo, hi, jnp.asarray(eps, beta.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# export: a schedule callable
+# --------------------------------------------------------------------------------------------
+def schedule_fn(batch_sizes: Int[ArrayLike, " steps"]) -> Callable[[Int[ArrayLike, ""]], Array]:
+    """Wrap per-step batch sizes as an optax-style schedule: a plain function
+    ``step -> batch size`` (a 0-d integer array) over a fixed table.
+
+    It can be called inside ``jax.jit``/``lax.scan`` with a traced integer step, or jitted
+    itself. Steps past the end return the last batch size, negative steps the first.
+
+    Raises:
+        ValueError: ``batch_sizes`` not a non-empty 1-D array, or non-integral values.
+    """
+    b = jnp.asarray(batch_sizes)
+    if b.ndim != 1 or b.shape[0] < 1:
+        raise ValueError(f"batch_sizes: must be a 1-D array of shape (steps,), got {b.shape}")
+    if not jnp.issubdtype(b.dtype, jnp.integer):
+        if not _is_tracer(b) and not np.all(np.asarray(b) == np.round(np.asarray(b))):
+            raise ValueError("batch_sizes: must be integers")
+        b = jnp.round(b).astype(jnp.result_type(int))
+    last = b.shape[0] - 1
+
+    def schedule(step):
+        return b[jnp.clip(jnp.asarray(step), 0, last)]
+
+    return schedule
+
+
+# --------------------------------------------------------------------------------------------
+# export: compression to a few constant stages (NumPy)
+# --------------------------------------------------------------------------------------------
+# Up to this many candidate partitions, all are enumerated in order of a lower bound (exact);
+# above it, stage boundaries come from the dynamic programme plus a local search.
+_EXHAUSTIVE_PARTITIONS = 2000
+# Branch-and-bound nodes per partition before giving up on proving optimality of the allocation.
+_NODE_LIMIT = 20000
+
+
+def _py_int(name: str, value, minimum: int) -> int:
+    v = np.asarray(value)
+    if v.ndim != 0 or not np.isfinite(float(v)) or float(v) != round(float(v)):
+        raise ValueError(f"{name}: must be an integer, got {value!r}")
+    v = int(round(float(v)))
+    if v < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {v}")
+    return v
+
+
+class _StageAllocator:
+    """Exact integer allocation for fixed stage boundaries: minimise
+    ``sum_s Phi_s / (m c_s)`` s.t. ``sum_s L_s c_s = M``, ``c_lo <= c_s <= c_hi`` integers
+    (batch ``m c_s`` on the ``L_s`` steps of stage ``s``). Depth-first branch and bound over the
+    stages with a closed-form lower bound (the square-root rule for the remaining stages, only the
+    lower bound active) and a gcd test on the remaining budget; the last two stages are solved
+    in one vectorised pass.
+    """
+
+    def __init__(self, phi, M, c_lo, c_hi, m):
+        self.prefix = np.concatenate([[0.0], np.cumsum(phi)])
+        self.K, self.M, self.c_lo, self.c_hi, self.m = len(phi), M, c_lo, c_hi, m
+        self.cache: dict[tuple, tuple[float, np.ndarray | None]] = {}
+
+    def stages(self, cuts):
+        edges = np.array([0, *cuts, self.K])
+        return np.diff(self.prefix[edges]), np.diff(edges)
+
+    def lower_bound(self, Phi, L):
+        """Lower bound of the objective over all allocations for these stages."""
+        return self._suffix_terms(Phi, L)[0](0, np.asarray(float(self.M)))
+
+    def _suffix_terms(self, Phi, L):
+        pos = Phi > 0
+        root = np.where(pos, np.sqrt(np.where(pos, Phi, 0.0) * L), 0.0)
+        a = np.concatenate([np.cumsum(root[::-1])[::-1], [0.0]])
+        l_np = np.concatenate([np.cumsum(np.where(pos, 0, L)[::-1])[::-1], [0]])
+        neg = np.concatenate([np.cumsum(np.where(pos, 0.0, Phi)[::-1])[::-1], [0.0]])
+        m, c_lo = self.m, self.c_lo
+
+        def bound(j, budget):
+            free = budget - c_lo * l_np[j]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                pos_part = np.where(free > 0, a[j] ** 2 / (m * free), np.inf)
+            pos_part = np.where(a[j] > 0, pos_part, 0.0)
+            return pos_part + neg[j] / (m * c_lo)
+
+        return bound, a
+
+    def evaluate(self, cuts, bound=np.inf):
+        """(objective, batch sizes per step) of the best allocation, or (inf, None)."""
+        key = tuple(int(c) for c in cuts)
+        if key in self.cache:
+            return self.cache[key]
+        Phi, L = self.stages(key)
+        c, val = self._branch_and_bound(Phi, L, bound)
+        out = (np.inf, None) if c is None else (val, np.repeat(self.m * c, L))
+        if c is not None or bound == np.inf:
+            self.cache[key] = out
+        return out
+
+    def _branch_and_bound(self, Phi, L, bound):
+        S, M, c_lo, c_hi, m = len(L), self.M, self.c_lo, self.c_hi, self.m
+        lower, _ = self._suffix_terms(Phi, L)
+        suffix_l = np.concatenate([np.cumsum(L[::-1])[::-1], [0]])
+        suffix_gcd = [0] * (S + 1)
+        for j in range(S - 1, -1, -1):
+            suffix_gcd[j] = math.gcd(int(L[j]), suffix_gcd[j + 1])
+        best = {"val": bound, "c": None, "nodes": 0}
+        path: list[int] = []
+
+        def better(val):
+            return val < best["val"] - 1e-13 * abs(best["val"]) if np.isfinite(best["val"]) else True
+
+        def rec(j, budget, acc):
+            best["nodes"] += 1
+            if best["nodes"] > _NODE_LIMIT:
+                return
+            if j == S - 1:
+                if budget % L[j] == 0 and c_lo <= budget // L[j] <= c_hi:
+                    val = acc + Phi[j] / (m * (budget // L[j]))
+                    if better(val):
+                        best.update(val=val, c=np.array([*path, budget // L[j]]))
+                return
+            rest = suffix_l[j + 1]
+            c_min = max(c_lo, -(-(budget - c_hi * rest) // L[j]))
+            c_max = min(c_hi, (budget - c_lo * rest) // L[j])
+            if c_min > c_max:
+                return
+            cs = np.arange(c_min, c_max + 1)
+            left = budget - L[j] * cs
+            keep = left % suffix_gcd[j + 1] == 0
+            cs, left = cs[keep], left[keep]
+            part = acc + Phi[j] / (m * cs)
+            if j == S - 2:  # the last stage is fixed by the budget: solve both at once
+                c_last = left // L[-1]
+                ok = (left % L[-1] == 0) & (c_last >= c_lo) & (c_last <= c_hi)
+                if ok.any():
+                    total = np.where(ok, part + Phi[-1] / (m * np.maximum(c_last, 1)), np.inf)
+                    i = int(np.argmin(total))
+                    if better(total[i]):
+                        best.update(val=total[i], c=np.array([*path, cs[i], c_last[i]]))
+                return
+            lb = part + lower(j + 1, left)
+            for i in np.argsort(lb, kind="stable"):
+                if not better(lb[i]):
+                    break
+                path.append(int(cs[i]))
+                rec(j + 1, int(left[i]), part[i])
+                path.pop()
+
+        rec(0, M, 0.0)
+        return best["c"], best["val"]
+
+
+def _dp_partitions(phi, stages):
+    """For each stage count s <= stages, the boundaries minimising ``sum_s sqrt(Phi_s L_s)``,
+    i.e. the relaxed objective ``(sum_s sqrt(Phi_s L_s))^2 / N`` (``Phi_s`` clipped at 0)."""
+    K = len(phi)
+    prefix = np.concatenate([[0.0], np.cumsum(phi)])
+    cost = np.full((stages + 1, K + 1), np.inf)
+    arg = np.zeros((stages + 1, K + 1), dtype=int)
+    cost[0, 0] = 0.0
+    for s in range(1, stages + 1):
+        for k in range(s, K + 1):
+            j = np.arange(s - 1, k)
+            v = cost[s - 1, j] + np.sqrt(np.maximum(prefix[k] - prefix[j], 0.0) * (k - j))
+            i = int(np.argmin(v))
+            cost[s, k], arg[s, k] = v[i], j[i]
+    out = []
+    for s in range(1, stages + 1):
+        cuts, k = [], K
+        for t in range(s, 0, -1):
+            k = arg[t, k]
+            cuts.append(int(k))
+        out.append(tuple(sorted(cuts)[1:]))  # drop the leading 0
+    return out
+
+
+def _relaxed_levels(Phi, L, N, lo, hi):
+    """Real stage batch sizes minimising ``sum_s Phi_s / B_s`` s.t. ``sum_s L_s B_s = N``,
+    ``lo <= B_s <= hi``: ``B_s = clip(x sqrt(Phi_s / L_s), lo, hi)`` (weighted square-root rule),
+    ``x`` by bisection; stages with ``Phi_s <= 0`` get ``lo``."""
+    w = np.sqrt(np.maximum(Phi, 0.0) / L)
+    if not np.any(w > 0):
+        return np.full(len(L), N / np.sum(L))
+    a, b = np.log(lo / w.max()), np.log(hi / w[w > 0].min())
+    for _ in range(200):
+        mid = 0.5 * (a + b)
+        if np.sum(L * np.clip(np.exp(mid) * w, lo, hi)) < N:
+            a = mid
+        else:
+            b = mid
+    return np.clip(np.exp(0.5 * (a + b)) * w, lo, hi)
+
+
+def _level_vectors(c_real, c_lo, c_hi):
+    """Integer level vectors near ``c_real``: nearest rounding, each single flip of it, all
+    floors and all ceilings."""
+    fl = np.clip(np.floor(c_real), c_lo, c_hi).astype(np.int64)
+    ce = np.clip(np.ceil(c_real), c_lo, c_hi).astype(np.int64)
+    near = np.where(c_real - fl < 0.5, fl, ce)
+    out = {tuple(near), tuple(fl), tuple(ce)}
+    for i in range(len(c_real)):
+        flip = near.copy()
+        flip[i] = ce[i] if near[i] == fl[i] else fl[i]
+        out.add(tuple(flip))
+    return [np.array(v) for v in out]
+
+
+def _boundaries_for_levels(prefix, c, M, m):
+    """Best stage boundaries for fixed stage levels ``c`` (batch ``m c_s``) meeting the budget.
+
+    With ``t_0 = 0 <= t_1 <= ... <= t_{S-1} <= t_S = K`` the objective is
+    ``P[K] / (m c_S) + sum_s P[t_s] (1/c_s - 1/c_{s+1}) / m`` (``P`` the prefix sums of phi) and
+    the budget reads ``sum_s (c_{s+1} - c_s) t_s = c_S K - M``: separable in the boundaries with
+    one linear equation, solved exactly by dynamic programming over the partial sum (ordering
+    is checked afterwards, an unordered solution is rejected). Returns the cuts or None.
+    """
+    K = len(prefix) - 1
+    S = len(c)
+    target = int(c[-1]) * K - M
+    if S == 1:
+        return () if target == 0 else None
+    d = (c[1:] - c[:-1]).astype(np.int64)
+    w = (1.0 / c[:-1] - 1.0 / c[1:]) / m
+    q_min = int(np.sum(np.minimum(d, 0)) * K)
+    q_max = int(np.sum(np.maximum(d, 0)) * K)
+    if not q_min <= target <= q_max:
+        return None
+    Q = q_max - q_min + 1
+    value = np.full(Q, np.inf)
+    value[-q_min] = 0.0
+    choices = []
+    for s in range(S - 1):
+        new = np.full(Q, np.inf)
+        arg = np.zeros(Q, dtype=np.int64)
+        for t in range(K + 1):
+            shift = int(d[s]) * t
+            if abs(shift) >= Q:
+                continue
+            src = value[: Q - shift] if shift >= 0 else value[-shift:]
+            dst = slice(shift, Q) if shift >= 0 else slice(0, Q + shift)
+            cand = src + w[s] * prefix[t]
+            better = cand < new[dst]
+            new[dst] = np.where(better, cand, new[dst])
+            arg[dst] = np.where(better, t, arg[dst])
+        value = new
+        choices.append(arg)
+    q = target - q_min
+    if not np.isfinite(value[q]):
+        return None
+    ts = []
+    for s in range(S - 2, -1, -1):
+        t = int(choices[s][q])
+        ts.append(t)
+        q -= int(d[s]) * t
+    ts = ts[::-1]
+    if any(t1 < t0 for t0, t1 in zip(ts[:-1], ts[1:])):
+        return None
+    return tuple(sorted({t for t in ts if 0 < t < K}))
+
+
+def _local_search(alloc, cuts, val, b, K):
+    """Move single boundaries by +-1, +-2 while that improves the exact objective."""
+    cuts = list(cuts)
+    improved, passes = True, 0
+    while improved and passes < 25:
+        improved, passes = False, passes + 1
+        for i in range(len(cuts)):
+            for d in (-2, -1, 1, 2):
+                new = list(cuts)
+                new[i] += d
+                edges = [0, *new, K]
+                if any(e1 <= e0 for e0, e1 in zip(edges[:-1], edges[1:])):
+                    continue
+                v, nb = alloc.evaluate(new, bound=val)
+                if nb is not None and v < val:
+                    cuts, val, b, improved = new, v, nb, True
+    return val, b
+
+
+def compress_stages(
+    phi: Float[ArrayLike, " steps"],
+    samples: int,
+    *,
+    stages: int,
+    multiple_of: int = 1,
+    min_batch: int = 1,
+    max_batch: int | None = None,
+) -> tuple[np.ndarray, float, float]:
+    """Best schedule with at most ``stages`` contiguous constant stages whose batch sizes are
+    multiples of ``multiple_of``, exact budget: an export tool for training code that can only
+    change the batch size a few times. NumPy, not jitted (run it once, outside any trace).
+
+    Objective ``sum_k phi_k / b_k`` (theory 4). For fixed stage boundaries with lengths ``L_s``
+    and ``Phi_s = sum of phi over stage s``, the relaxed optimum is ``(sum_s sqrt(Phi_s L_s))^2
+    / N``. If the number of possible partitions is small (<= 2000) all are enumerated in order of
+    a lower bound and the exact integer allocation (branch and bound over the multiples, weights
+    ``L_s``) is computed until the bound exceeds the best found: the result is then optimal.
+    Otherwise the boundaries come from dynamic programming on the relaxed objective (one
+    candidate per stage count), each gets the exact integer allocation, and the best is refined
+    by moving single boundaries while the exact objective improves (a heuristic for the
+    boundaries; boundaries whose budget is unreachable are moved until it is reachable).
+    With ``stages >= steps`` every schedule of multiples is allowed and the answer is the exact
+    integer optimum in units of ``multiple_of``.
+
+    Args:
+        phi: per-step sensitivities, shape ``(steps,)``.
+        samples: integer budget, a multiple of ``multiple_of``.
+        stages: maximum number of constant stages, ``>= 1``.
+        multiple_of: every batch size is a multiple of this, ``>= 1``.
+        min_batch, max_batch: integer bounds on the batch sizes.
+
+    Returns:
+        ``(batch_sizes, objective, unconstrained_objective)``: NumPy int array ``(steps,)`` with
+        ``sum == samples``; its ``sum phi / b``; and ``sum phi / b`` of ``integer_optimum`` with
+        the same bounds (no stage or multiple constraint), a lower bound of ``objective``.
+
+    Raises:
+        ValueError: ``samples`` not a multiple of ``multiple_of``; no multiple of
+            ``multiple_of`` in ``[min_batch, max_batch]``; infeasible budget; bad arguments;
+            no schedule with these constraints meets the budget exactly.
+    """
+    phi = np.asarray(phi, dtype=float)
+    if phi.ndim != 1 or phi.size < 1:
+        raise ValueError(f"phi: must be a 1-D array of shape (steps,), got shape {phi.shape}")
+    if not np.all(np.isfinite(phi)):
+        raise ValueError("phi: contains NaN or infinite values")
+    K = phi.size
+    S = min(_py_int("stages", stages, 1), K)
+    m = _py_int("multiple_of", multiple_of, 1)
+    lo = _py_int("min_batch", min_batch, 1)
+    hi = None if max_batch is None else _py_int("max_batch", max_batch, lo)
+    N = _py_int("samples", samples, 1)
+    if N % m:
+        raise ValueError(f"samples: must be a multiple of multiple_of = {m}, got {N}")
+    c_lo, c_hi = -(-lo // m), (N // m if hi is None else hi // m)
+    if c_lo > c_hi:
+        raise ValueError(f"multiple_of: no multiple of {m} lies in [min_batch, max_batch] = "
+                         f"[{lo}, {hi}]")
+    M = N // m
+    if not K * c_lo <= M <= K * c_hi:
+        raise ValueError(f"samples: with batch sizes multiples of {m} in [{m * c_lo}, "
+                         f"{m * c_hi}] the budget must lie in [{K * m * c_lo}, {K * m * c_hi}], "
+                         f"got {N}")
+    unconstrained = float(first_order_objective(
+        phi, integer_optimum(phi, N, min_batch=lo, max_batch=hi)))
+
+    if S == K:
+        b = m * np.asarray(integer_optimum(phi, M, min_batch=c_lo, max_batch=c_hi))
+        return b.astype(np.int64), float(np.sum(phi / b)), unconstrained
+
+    alloc = _StageAllocator(phi, M, c_lo, c_hi, m)
+    n_partitions = sum(math.comb(K - 1, s - 1) for s in range(1, S + 1))
+    best_val, best_b = np.inf, None
+    if n_partitions <= _EXHAUSTIVE_PARTITIONS:
+        cands = [c for s in range(1, S + 1) for c in itertools.combinations(range(1, K), s - 1)]
+        bounds = [alloc.lower_bound(*alloc.stages(c)) for c in cands]
+        for i in np.argsort(bounds, kind="stable"):
+            if bounds[i] >= best_val:
+                break  # no remaining partition can beat the best found
+            v, b = alloc.evaluate(cands[i], bound=best_val)
+            if b is not None and v < best_val:
+                best_val, best_b = v, b
+    else:
+        best_cuts = None
+        for cuts in _dp_partitions(phi, S):
+            tried = [cuts]
+            Phi, L = alloc.stages(cuts)
+            levels = _relaxed_levels(Phi, L, N, m * c_lo, m * c_hi) / m
+            for c in _level_vectors(levels, c_lo, c_hi):
+                moved = _boundaries_for_levels(alloc.prefix, c, M, m)
+                if moved is not None:
+                    tried.append(moved)
+            for cand in tried:
+                v, b = alloc.evaluate(cand)
+                if b is not None and v < best_val:
+                    best_val, best_b, best_cuts = v, b, cand
+        if best_b is not None:
+            best_val, best_b = _local_search(alloc, best_cuts, best_val, best_b, K)
+    if best_b is None:
+        raise ValueError(f"samples: no schedule with at most {S} stages of multiples of {m} in "
+                         f"[{m * c_lo}, {m * c_hi}] sums to exactly {N}")
+    best_b = best_b.astype(np.int64)
+    return best_b, float(np.sum(phi / best_b)), unconstrained
