@@ -26,4 +26,28 @@ from ._linreg import (
     gaussian_sensitivity as gaussian_sensitivity,
 )
 
+from ._allocation import (
+    first_order_objective as first_order_objective,
+    integer_optimum as integer_optimum,
+    relaxed_optimum as relaxed_optimum,
+)
+
+from ._schedules import (
+    compress_stages as compress_stages,
+    constant_schedule as constant_schedule,
+    free_form_batch_sizes as free_form_batch_sizes,
+    free_form_init as free_form_init,
+    linear_ramp as linear_ramp,
+    round_to_budget as round_to_budget,
+    schedule_fn as schedule_fn,
+    step_doubling as step_doubling,
+)
+
+from ._control import (
+    METHODS as METHODS,
+    OptimalSchedule as OptimalSchedule,
+    optimal_schedule as optimal_schedule,
+)
+from . import datasets as datasets
+
 __version__ = "0.1.0"

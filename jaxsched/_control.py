@@ -77,7 +77,7 @@ def _lbfgs(objective, theta0, max_iter, gtol):
             grad, state, theta, value=value, grad=grad, value_fn=objective
         )
         theta = optax.apply_updates(theta, updates)
-        return theta, state, it + 1, optax.tree_utils.tree_l2_norm(grad)
+        return theta, state, it + 1, optax.tree_utils.tree_norm(grad)
 
     init = (theta0, opt.init(theta0), jnp.asarray(0), jnp.asarray(jnp.inf, theta0.dtype))
     theta, _, it, _ = jax.lax.while_loop(cond, body, init)
@@ -193,7 +193,7 @@ def optimal_schedule(
     rtol=None,
     atol=None,
     solver=None,
-    max_iter: int = 500,
+    max_iter: int = 200,
     gtol: float = 1e-9,
 ) -> OptimalSchedule:
     """The batch schedule minimising the predicted expected final loss for a sample budget.
@@ -262,4 +262,7 @@ def optimal_schedule(
     if method == "closed_form":
         return _closed_form_core(*args)
     core = _gradient_core if method == "gradient" else _exact_core
-    return core(*args, int(max_iter), jnp.asarray(gtol, dtype))
+    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+        raise ValueError(f"max_iter: must be an int >= 1, got {max_iter!r}")
+    # Array leaves: changing the iteration cap or tolerance never recompiles.
+    return core(*args, jnp.asarray(max_iter), jnp.asarray(gtol, dtype))

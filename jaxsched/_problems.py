@@ -44,8 +44,10 @@ def _as_float_array(name: str, value, ndim: int | None = None) -> Array:
         arr = jnp.asarray(value)
     except TypeError as e:
         raise ValueError(f"{name}: cannot be converted to an array ({e})") from None
-    if not jnp.issubdtype(arr.dtype, jnp.floating):
-        arr = arr.astype(jnp.result_type(float))
+    # An explicit dtype drops JAX's weak typing, so a Python float and a NumPy float give the same
+    # abstract value and never cause a retrace.
+    dtype = arr.dtype if jnp.issubdtype(arr.dtype, jnp.floating) else jnp.result_type(float)
+    arr = jnp.asarray(arr, dtype=dtype)
     if ndim is not None and arr.ndim != ndim:
         raise ValueError(f"{name}: expected an array with {ndim} dimension(s), got shape {arr.shape}")
     if _is_concrete(arr) and not bool(np.all(np.isfinite(np.asarray(arr)))):
