@@ -61,7 +61,18 @@ def _inverse_b_coefficient(problem, dtype) -> Array:
     return 2.0 * (w1 - w2)
 
 
-def _lbfgs(objective, theta0, max_iter, gtol):
+# The live progress bar of an iterative solve (set by ``optimal_schedule(progress=True)``).
+_PROGRESS: dict = {"bar": None}
+
+
+def _tick(value):
+    bar = _PROGRESS["bar"]
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(objective=f"{float(value):.6g}", refresh=False)
+
+
+def _lbfgs(objective, theta0, max_iter, gtol, progress=False):
     """Minimise ``objective`` with optax's L-BFGS (zoom line search) inside a ``while_loop``."""
     opt = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(objective)
@@ -77,6 +88,8 @@ def _lbfgs(objective, theta0, max_iter, gtol):
             grad, state, theta, value=value, grad=grad, value_fn=objective
         )
         theta = optax.apply_updates(theta, updates)
+        if progress:
+            jax.debug.callback(_tick, value)
         return theta, state, it + 1, optax.tree_utils.tree_norm(grad)
 
     init = (theta0, opt.init(theta0), jnp.asarray(0), jnp.asarray(jnp.inf, theta0.dtype))
@@ -114,7 +127,9 @@ def _closed_form_core(problem, lr, samples, lo, hi, rtol, atol, solver, steps):
 
 
 @eqx.filter_jit
-def _gradient_core(problem, lr, samples, lo, hi, rtol, atol, solver, steps, max_iter, gtol):
+def _gradient_core(
+    problem, lr, samples, lo, hi, rtol, atol, solver, steps, max_iter, gtol, progress
+):
     ex.TRACE_COUNTS["optimal_gradient"] += 1
     dtype = problem.x0.dtype
     parts = ex._first_order_core(problem, lr, rtol, atol, solver, steps)
@@ -125,7 +140,7 @@ def _gradient_core(problem, lr, samples, lo, hi, rtol, atol, solver, steps, max_
 
     theta0 = jnp.zeros(steps, dtype)  # the constant schedule (projected into the bounds)
     scale = jax.lax.stop_gradient(jnp.abs(noise_part(theta0)))
-    theta, it = _lbfgs(lambda th: noise_part(th) / scale, theta0, max_iter, gtol)
+    theta, it = _lbfgs(lambda th: noise_part(th) / scale, theta0, max_iter, gtol, progress)
     beta = sched.free_form_batch_sizes(theta, samples, min_batch=lo, max_batch=hi)
     # The integer schedule: exact integer optimum of the first-order objective linearised at beta
     # (gradient of J1 in u = 1/b, i.e. phi as seen by the optimiser).
@@ -140,7 +155,7 @@ def noise_part_u(problem, u, lr, rtol, atol, solver):
 
 
 @eqx.filter_jit
-def _exact_core(problem, lr, samples, lo, hi, rtol, atol, solver, steps, max_iter, gtol):
+def _exact_core(problem, lr, samples, lo, hi, rtol, atol, solver, steps, max_iter, gtol, progress):
     from ._linreg import exact_expected_loss
 
     ex.TRACE_COUNTS["optimal_exact"] += 1
@@ -160,7 +175,7 @@ def _exact_core(problem, lr, samples, lo, hi, rtol, atol, solver, steps, max_ite
         b = sched.free_form_batch_sizes(theta, samples, min_batch=lo, max_batch=hi)
         return (loss(b) - floor) / scale
 
-    theta, it = _lbfgs(objective, theta0, max_iter, gtol)
+    theta, it = _lbfgs(objective, theta0, max_iter, gtol, progress)
     beta = sched.free_form_batch_sizes(theta, samples, min_batch=lo, max_batch=hi)
     # Integer schedule: exact integer optimum of the exact loss linearised in u = 1/b at beta; kept
     # only if it beats the first-order integer optimum in the exact loss (it nearly always does).
@@ -195,6 +210,7 @@ def optimal_schedule(
     solver=None,
     max_iter: int = 200,
     gtol: float = 1e-9,
+    progress: bool = False,
 ) -> OptimalSchedule:
     """The batch schedule minimising the predicted expected final loss for a sample budget.
 
@@ -220,6 +236,7 @@ def optimal_schedule(
         method: one of ``"closed_form"``, ``"gradient"``, ``"exact"``.
         rtol, atol, solver: ODE solver options (see :func:`jaxsched.expansion`).
         max_iter, gtol: L-BFGS iteration cap and gradient-norm tolerance (iterative methods).
+        progress: show a tqdm bar of the L-BFGS iterations (iterative methods; not under vmap).
 
     Returns:
         An :class:`OptimalSchedule`.
@@ -265,4 +282,14 @@ def optimal_schedule(
     if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
         raise ValueError(f"max_iter: must be an int >= 1, got {max_iter!r}")
     # Array leaves: changing the iteration cap or tolerance never recompiles.
-    return core(*args, jnp.asarray(max_iter), jnp.asarray(gtol, dtype))
+    call = (*args, jnp.asarray(max_iter), jnp.asarray(gtol, dtype), bool(progress))
+    if not progress:
+        return core(*call)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=int(max_iter), desc=f"optimal_schedule[{method}]", unit="it") as bar:
+        _PROGRESS["bar"] = bar
+        try:
+            return jax.block_until_ready(core(*call))
+        finally:
+            _PROGRESS["bar"] = None
