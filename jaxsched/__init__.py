@@ -50,4 +50,20 @@ from ._control import (
 )
 from . import datasets as datasets
 
+from ._data_problem import DataProblem as DataProblem
+from ._matrix_free import (
+    MatrixFreeSensitivity as MatrixFreeSensitivity,
+    NegativeSensitivityReport as NegativeSensitivityReport,
+    matrix_free_memory as matrix_free_memory,
+    negative_sensitivity_report as negative_sensitivity_report,
+    sensitivity_matrix_free as sensitivity_matrix_free,
+)
+
+from ._simulate import (
+    SampledProblem as SampledProblem,
+    SimulationResult as SimulationResult,
+    simulate_sde as simulate_sde,
+    simulate_sgd as simulate_sgd,
+)
+
 __version__ = "0.1.0"

@@ -107,18 +107,14 @@ def _check_budget(
             raise ValueError(f"min_batch: must be >= 0, got {lo_v:g}")
         if not integer and not zero_min_ok and lo_v <= 0:
             raise ValueError(f"min_batch: must be > 0, got {lo_v:g}")
-    if max_batch is not None and not (_is_tracer(lo) or _is_tracer(hi)):
-        if float(hi) < float(lo):
-            raise ValueError(f"max_batch: must be >= min_batch = {float(lo):g}, got {float(hi):g}")
+    hi_vs_lo = max_batch is not None and not (_is_tracer(lo) or _is_tracer(hi))
+    if hi_vs_lo and float(hi) < float(lo):
+        raise ValueError(f"max_batch: must be >= min_batch = {float(lo):g}, got {float(hi):g}")
     if not (_is_tracer(n) or _is_tracer(lo)) and float(n) < steps * float(lo):
-        raise ValueError(
-            f"samples: must be >= steps * min_batch = {steps * float(lo):g}, got {float(n):g}"
-        )
-    if max_batch is not None and not (_is_tracer(n) or _is_tracer(hi)):
-        if float(n) > steps * float(hi):
-            raise ValueError(
-                f"samples: must be <= steps * max_batch = {steps * float(hi):g}, got {float(n):g}"
-            )
+        raise ValueError(f"samples: must be >= steps * min_batch = {steps * float(lo):g}, got {float(n):g}")
+    n_vs_hi = max_batch is not None and not (_is_tracer(n) or _is_tracer(hi))
+    if n_vs_hi and float(n) > steps * float(hi):
+        raise ValueError(f"samples: must be <= steps * max_batch = {steps * float(hi):g}, got {float(n):g}")
     return n, lo, hi
 
 
@@ -318,6 +314,20 @@ def _integer_positive(phi, target, lo, hi):
     _, log_nu = lax.fori_loop(0, _BISECT_ITERS, halve, (log_bottom, log_top))
     b0 = _threshold_allocation(log_phi, pos, log_nu, lo, hi)
 
+    # Shortcut for many exact ties at the threshold (e.g. constant phi): give the remaining
+    # samples at once to the largest next gains, and keep that only if it passes the optimality
+    # certificate "no next gain exceeds any last taken gain" (no exchange of one sample between
+    # two steps improves a separable convex objective). Otherwise the loop below does it.
+    steps = phi.shape[0]
+    next_gain = jnp.where(pos & (b0 < hi), _log_gain(log_phi, b0), -jnp.inf)
+    order = steps - 1 - jnp.argsort(-next_gain[::-1], stable=True)  # ties: later steps first
+    rank = jnp.zeros(steps, b0.dtype).at[order].set(jnp.arange(steps, dtype=b0.dtype))
+    b1 = b0 + (rank < target - jnp.sum(b0)).astype(b0.dtype)
+    next1 = jnp.max(jnp.where(pos & (b1 < hi), _log_gain(log_phi, b1), -jnp.inf))
+    last1 = jnp.min(jnp.where(pos & (b1 > lo), _log_gain(log_phi, jnp.maximum(b1 - 1, 1)), jnp.inf))
+    certified = (jnp.sum(b1) == target) & (next1 <= last1)
+    b0 = jnp.where(certified, b1, b0)
+
     # Fix-up: the samples left over (ties of gains at the threshold) go one at a time to the
     # largest next marginal gain; if ever over budget, remove the smallest last gain. Each move
     # keeps "all taken gains >= all untaken gains", which is optimality for a separable convex
@@ -385,4 +395,3 @@ def integer_optimum(
     n, lo, hi = _check_budget(phi.shape[0], samples, min_batch, max_batch, integer=True)
     dtype = jnp.result_type(n.dtype, lo.dtype, hi.dtype)
     return _integer_core(phi, n.astype(dtype), lo.astype(dtype), hi.astype(dtype))
-
