@@ -45,9 +45,7 @@ def diabetes_problem(replace: bool = True) -> LinearRegressionData:
 SPECTRA = ("geometric", "power", "flat")
 
 
-def gaussian_spectrum(
-    dim: int, *, spectrum: str = "geometric", condition: float = 100.0
-) -> np.ndarray:
+def gaussian_spectrum(dim: int, *, spectrum: str = "geometric", condition: float = 100.0) -> np.ndarray:
     """Eigenvalues ``lam_1 = 1 >= ... >= lam_d = 1 / condition`` of a feature covariance.
 
     Args:
@@ -119,9 +117,9 @@ def _parse_row(fields: list[str], line: int) -> list[float] | None:
     an error, the caller decides)."""
     texts = [f.strip() for f in fields]
     values = [_number(t) for t in texts]
-    if any(v is None and t for v, t in zip(values, texts)):
+    if any(v is None and t for v, t in zip(values, texts, strict=True)):
         return None
-    for col, (v, t) in enumerate(zip(values, texts), start=1):
+    for col, (v, t) in enumerate(zip(values, texts, strict=True), start=1):
         if v is None:
             raise ValueError(f"line {line}, column {col}: empty field")
         if not np.isfinite(v):
@@ -184,9 +182,7 @@ def load_csv(path) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(f"{name}: line {line} has {len(values)} fields, expected {width}")
         rows.append(values)
     if width is not None and width < 2:
-        raise ValueError(
-            f"{name}: need at least 2 columns (features, then the target), got {width}"
-        )
+        raise ValueError(f"{name}: need at least 2 columns (features, then the target), got {width}")
     if len(rows) < 2:
         raise ValueError(f"{name}: need at least 2 data rows, got {len(rows)}")
     data = np.asarray(rows, dtype=np.float64)
