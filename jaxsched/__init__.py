@@ -53,8 +53,8 @@ from . import datasets as datasets
 from ._data_problem import DataProblem as DataProblem
 from ._matrix_free import (
     MatrixFreeSensitivity as MatrixFreeSensitivity,
+    MemoryStats as MemoryStats,
     NegativeSensitivityReport as NegativeSensitivityReport,
-    matrix_free_memory as matrix_free_memory,
     negative_sensitivity_report as negative_sensitivity_report,
     sensitivity_matrix_free as sensitivity_matrix_free,
 )
@@ -64,6 +64,21 @@ from ._simulate import (
     SimulationResult as SimulationResult,
     simulate_sde as simulate_sde,
     simulate_sgd as simulate_sgd,
+)
+
+from ._sweep import (
+    Configurations as Configurations,
+    DiagonalGaussianRegression as DiagonalGaussianRegression,
+    SweepOutputs as SweepOutputs,
+    SweepResult as SweepResult,
+    SweepStatus as SweepStatus,
+    configurations as configurations,
+    eigen_first_order_parts as eigen_first_order_parts,
+    grid as grid,
+    load_results as load_results,
+    load_sweep as load_sweep,
+    sweep as sweep,
+    sweep_core as sweep_core,
 )
 
 __version__ = "0.1.0"

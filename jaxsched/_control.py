@@ -3,6 +3,8 @@ diffrax-integrated expected loss, and gradient descent through the exact discret
 
 from __future__ import annotations
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -72,10 +74,20 @@ def _tick(value):
         bar.set_postfix(objective=f"{float(value):.6g}", refresh=False)
 
 
-def _lbfgs(objective, theta0, max_iter, gtol, progress=False):
-    """Minimise ``objective`` with optax's L-BFGS (zoom line search) inside a ``while_loop``."""
-    opt = optax.lbfgs()
-    value_and_grad = optax.value_and_grad_from_state(objective)
+def _lbfgs(objective, theta0, max_iter, gtol, progress, cheap_compile: bool):
+    """Minimise ``objective`` with optax's L-BFGS inside a ``while_loop``.
+
+    ``cheap_compile``: a backtracking line search, which needs only values, so the compiled program
+    holds one gradient of ``objective`` instead of two (used when ``objective`` is a diffrax solve
+    whose reverse mode is costly to compile); otherwise the zoom (strong Wolfe) line search, which
+    converges in fewer iterations.
+    """
+    if cheap_compile:
+        opt = optax.lbfgs(linesearch=optax.scale_by_backtracking_linesearch(max_backtracking_steps=40))
+        value_and_grad = jax.value_and_grad(objective)
+    else:
+        opt = optax.lbfgs()
+        value_and_grad = optax.value_and_grad_from_state(objective)
 
     def cond(carry):
         _, state, it, gnorm = carry
@@ -83,13 +95,13 @@ def _lbfgs(objective, theta0, max_iter, gtol, progress=False):
 
     def body(carry):
         theta, state, it, _ = carry
-        value, grad = value_and_grad(theta, state=state)
+        value, grad = value_and_grad(theta) if cheap_compile else value_and_grad(theta, state=state)
         updates, state = opt.update(
             grad, state, theta, value=value, grad=grad, value_fn=objective
         )
         theta = optax.apply_updates(theta, updates)
-        if progress:
-            jax.debug.callback(_tick, value)
+        # A traced flag, so runs with and without a progress bar share one compiled function.
+        jax.lax.cond(progress, lambda v: jax.debug.callback(_tick, v), lambda v: None, value)
         return theta, state, it + 1, optax.tree_utils.tree_norm(grad)
 
     init = (theta0, opt.init(theta0), jnp.asarray(0), jnp.asarray(jnp.inf, theta0.dtype))
@@ -116,66 +128,67 @@ def _finish(problem, parts, lr, beta, batch_sizes, samples, iterations, method):
     )
 
 
-@eqx.filter_jit
-def _closed_form_core(problem, lr, samples, lo, hi, rtol, atol, solver, steps):
-    ex.TRACE_COUNTS["optimal_closed_form"] += 1
-    parts = ex._first_order_core(problem, lr, rtol, atol, solver, steps)
+def _first_order_allocation(problem, parts, samples, lo, hi):
     phi_alloc = parts.phi * _inverse_b_coefficient(problem, parts.phi.dtype)
     beta = alloc.relaxed_optimum(phi_alloc, samples, min_batch=lo, max_batch=hi)
     b = alloc.integer_optimum(phi_alloc, samples, min_batch=lo, max_batch=hi)
+    return beta, b
+
+
+# The adjoint solve (``_expansion._first_order_core``) is its own jitted function, shared with
+# ``sensitivity``: each method's core below takes its result, so that expensive compile happens once
+# per problem shape, not once per entry point.
+
+
+@eqx.filter_jit
+def _closed_form_core(problem, parts, lr, samples, lo, hi):
+    ex.TRACE_COUNTS["optimal_closed_form"] += 1
+    beta, b = _first_order_allocation(problem, parts, samples, lo, hi)
     return _finish(problem, parts, lr, beta, b, samples, 0, "closed_form")
 
 
 @eqx.filter_jit
-def _gradient_core(
-    problem, lr, samples, lo, hi, rtol, atol, solver, steps, max_iter, gtol, progress
-):
+def _gradient_core(problem, parts, lr, samples, lo, hi, rtol, atol, solver, max_iter, gtol, progress):
     ex.TRACE_COUNTS["optimal_gradient"] += 1
-    dtype = problem.x0.dtype
-    parts = ex._first_order_core(problem, lr, rtol, atol, solver, steps)
+    steps = parts.phi.shape[0]
 
     def noise_part(theta):
         b = sched.free_form_batch_sizes(theta, samples, min_batch=lo, max_batch=hi)
         return ex._expansion_core(problem, b, lr, rtol, atol, solver).j1_noise
 
-    theta0 = jnp.zeros(steps, dtype)  # the constant schedule (projected into the bounds)
-    scale = jax.lax.stop_gradient(jnp.abs(noise_part(theta0)))
-    theta, it = _lbfgs(lambda th: noise_part(th) / scale, theta0, max_iter, gtol, progress)
+    theta0 = jnp.zeros(steps, parts.phi.dtype)  # the constant schedule (projected into the bounds)
+    # Normalise by the constant schedule's noise term (from phi: no extra solve to compile).
+    b0 = sched.free_form_batch_sizes(theta0, samples, min_batch=lo, max_batch=hi)
+    scale = jnp.abs(ex.noise_objective(problem, parts.phi, b0))
+    theta, it = _lbfgs(lambda th: noise_part(th) / scale, theta0, max_iter, gtol, progress, True)
     beta = sched.free_form_batch_sizes(theta, samples, min_batch=lo, max_batch=hi)
-    # The integer schedule: exact integer optimum of the first-order objective linearised at beta
-    # (gradient of J1 in u = 1/b, i.e. phi as seen by the optimiser).
-    phi_seen = jax.grad(lambda u: noise_part_u(problem, u, lr, rtol, atol, solver))(1.0 / beta)
-    b = alloc.integer_optimum(phi_seen, samples, min_batch=lo, max_batch=hi)
+    # Integers: J1 is affine in 1/b, so the exact integer optimum of the first-order objective is
+    # defined by phi alone (the linearisation of J1 at beta is phi, to solver tolerance).
+    phi_alloc = parts.phi * _inverse_b_coefficient(problem, parts.phi.dtype)
+    b = alloc.integer_optimum(phi_alloc, samples, min_batch=lo, max_batch=hi)
     return _finish(problem, parts, lr, beta, b, samples, it, "gradient")
 
 
-def noise_part_u(problem, u, lr, rtol, atol, solver):
-    # J1 as a function of the inverse batch sizes (the reverse-mode route to phi).
-    return ex._expansion_core(problem, 1.0 / u, lr, rtol, atol, solver).j1_noise
-
-
 @eqx.filter_jit
-def _exact_core(problem, lr, samples, lo, hi, rtol, atol, solver, steps, max_iter, gtol, progress):
+def _exact_core(problem, parts, lr, samples, lo, hi, max_iter, gtol, progress):
     from ._linreg import exact_expected_loss
 
     ex.TRACE_COUNTS["optimal_exact"] += 1
-    parts = ex._first_order_core(problem, lr, rtol, atol, solver, steps)
-    phi_alloc = parts.phi * _inverse_b_coefficient(problem, parts.phi.dtype)
-    beta_fo = alloc.relaxed_optimum(phi_alloc, samples, min_batch=lo, max_batch=hi)
-    b_fo = alloc.integer_optimum(phi_alloc, samples, min_batch=lo, max_batch=hi)
+    steps = parts.phi.shape[0]
+    beta_fo, b_fo = _first_order_allocation(problem, parts, samples, lo, hi)
 
     def loss(b):
         return exact_expected_loss(problem, b, lr=lr)
 
     theta0 = sched.free_form_init(beta_fo, samples, min_batch=lo, max_batch=hi)
-    floor = jax.lax.stop_gradient(loss(jnp.full(steps, 1e30, beta_fo.dtype)))  # plain GD
+    floor = jax.lax.stop_gradient(loss(jnp.full(steps, jnp.inf, beta_fo.dtype)))  # plain GD
     scale = jax.lax.stop_gradient(loss(beta_fo) - floor)
 
     def objective(theta):
         b = sched.free_form_batch_sizes(theta, samples, min_batch=lo, max_batch=hi)
         return (loss(b) - floor) / scale
 
-    theta, it = _lbfgs(objective, theta0, max_iter, gtol, progress)
+    theta, it = _lbfgs(objective, theta0, max_iter, gtol, progress, False)
     beta = sched.free_form_batch_sizes(theta, samples, min_batch=lo, max_batch=hi)
     # Integer schedule: exact integer optimum of the exact loss linearised in u = 1/b at beta; kept
     # only if it beats the first-order integer optimum in the exact loss (it nearly always does).
@@ -275,14 +288,19 @@ def optimal_schedule(
         )
     rtol, atol = ex._tolerances(dtype, rtol, atol)
     solver = ex._default_solver(solver)
-    args = (problem, lr, samples_arr, lo, hi, rtol, atol, solver, steps)
+    parts = ex._first_order_core(problem, lr, rtol, atol, solver, steps)
     if method == "closed_form":
-        return _closed_form_core(*args)
-    core = _gradient_core if method == "gradient" else _exact_core
+        return _closed_form_core(problem, parts, lr, samples_arr, lo, hi)
     if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
         raise ValueError(f"max_iter: must be an int >= 1, got {max_iter!r}")
     # Array leaves: changing the iteration cap or tolerance never recompiles.
-    call = (*args, jnp.asarray(max_iter), jnp.asarray(gtol, dtype), bool(progress))
+    opts = (jnp.asarray(max_iter), jnp.asarray(gtol, dtype), jnp.asarray(bool(progress)))
+    if method == "gradient":
+        core = functools.partial(_gradient_core, problem, parts, lr, samples_arr, lo, hi, rtol, atol,
+                                 solver)
+    else:
+        core = functools.partial(_exact_core, problem, parts, lr, samples_arr, lo, hi)
+    call = opts
     if not progress:
         return core(*call)
     from tqdm.auto import tqdm

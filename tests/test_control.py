@@ -34,10 +34,13 @@ def compositions(total, parts, lo, hi):
             yield head + (last,)
 
 
+STEPS = 6  # one shape shared by the small tests below: one compile
+
+
 def test_closed_form_is_exact_integer_optimum_brute_force():
-    steps = 4
+    steps = STEPS
     for noise_var, lr, samples, lo, hi in [
-        (0.5, 0.5, 13, 1, None), (0.0, 0.8, 17, 2, 7), (2.0, 0.3, 10, 1, 4), (0.1, 1.0, 21, 3, 9),
+        (0.5, 0.5, 15, 1, None), (0.0, 0.8, 25, 2, 7), (2.0, 0.3, 14, 1, 4), (0.1, 1.0, 27, 3, 6),
     ]:
         p = worked_problem(noise_var)
         res = js.optimal_schedule(p, lr=lr, steps=steps, samples=samples, min_batch=lo, max_batch=hi)
@@ -99,7 +102,7 @@ def test_diabetes_gain_and_exact_method(diabetes_results):
 
 @pytest.fixture(scope="module")
 def phi_fixed():
-    return np.asarray(js.sensitivity(worked_problem(), lr=0.25, steps=12))
+    return np.asarray(js.sensitivity(worked_problem(), lr=0.25, steps=STEPS))
 
 
 @settings(max_examples=30, deadline=None)
@@ -132,7 +135,7 @@ def test_cauchy_schwarz_optimum_never_worse(phi_fixed, data):
 
 
 def test_one_trace_and_vmap_equals_loop():
-    steps = 12
+    steps = STEPS
     js.optimal_schedule(worked_problem(), lr=0.25, steps=steps, samples=100)
     before = dict(_expansion.TRACE_COUNTS)
     rng = np.random.default_rng(0)
@@ -153,7 +156,7 @@ def test_one_trace_and_vmap_equals_loop():
 
 def test_predicted_loss_matches_expected_loss():
     p = worked_problem()
-    res = js.optimal_schedule(p, lr=0.25, steps=12, samples=100)
+    res = js.optimal_schedule(p, lr=0.25, steps=STEPS, samples=100)
     # The result's prediction uses the affine identity; expected_loss integrates the moment ODE.
     direct = js.expected_loss(p, res.batch_sizes, lr=0.25)
     assert abs(float(res.predicted_loss - direct)) < 1e-8 * abs(float(direct))

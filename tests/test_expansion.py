@@ -42,12 +42,7 @@ def relerr(a, b):
     return np.max(np.abs(np.asarray(a) - np.asarray(b)) / np.abs(np.asarray(b)))
 
 
-J1_GRAD = jax.jit(
-    lambda p, u, h: js.expansion(p, 1.0 / u, lr=h).j1, static_argnums=()
-)
-
-
-@pytest.mark.parametrize("d", [1, 3, 8, 20])
+@pytest.mark.parametrize("d", [1, 5, 20])
 def test_phi_adjoint_equals_closed_form_and_reverse_mode(d):
     # Tolerance 1e-6 (the issue's): the solvers run at rtol 1e-9, and quad at 1e-13.
     problem = random_gaussian(d, seed=d)
@@ -67,26 +62,27 @@ def test_worked_example_d3():
         jnp.diag(jnp.array([1.0, 0.3, 0.05])), jnp.zeros(3), jnp.array([1.0, -2.0, 3.0]), 0.5
     )
     # Theory quotes 7 digits, rounded: tolerance half a unit of the last digit (5e-8).
-    values = {}
-    for h in (0.02, 0.01):
-        steps, samples = int(round(10.0 / h)), 40.0 / h
-        phi = np.asarray(js.sensitivity(problem, lr=h, steps=steps))
-        # The constant schedule's value is exact at any h (per-step integrals sum to the integral).
-        assert abs(phi.sum() / (samples / steps) - 0.0585043) < 5e-8
-        values[h] = np.sum(np.sqrt(phi)) ** 2 / samples
+    h, steps, budget = 0.01, 1000, 40.0
+    phi = np.asarray(js.sensitivity(problem, lr=h, steps=steps))
+    # The constant schedule's value is exact at any h (per-step integrals sum to the integral).
+    assert abs(phi.sum() / (budget / h / steps) - 0.0585043) < 5e-8
     # The per-step optimum (sum sqrt(phi_k))^2 / N is a midpoint rule for the continuous optimum
-    # (int sqrt(phi))^2 / (hN), with an O(h^2) error: Richardson extrapolation removes it.
-    continuous = (4 * values[0.01] - values[0.02]) / 3
+    # (int sqrt(phi))^2 / (hN), with an O(h^2) error. Pairs of steps give the same at 2h, and
+    # Richardson extrapolation removes the h^2 term.
+    fine = np.sum(np.sqrt(phi)) ** 2 / (budget / h)
+    coarse = np.sum(np.sqrt(phi[0::2] + phi[1::2])) ** 2 / (budget / (2 * h))
+    continuous = (4 * fine - coarse) / 3
     assert abs(continuous - 0.0267537) < 5e-8
 
 
 def test_expected_loss_identity_quadratic_and_data():
     # expected_loss == base + h (correction + sum_k phi_k w(b_k)): two independent diffrax routes
     # (forward moment system with jump times vs adjoint), equal to solver tolerance (1e-9 rtol).
+    # Same shapes as the order test below (d = 3 Gaussian, diabetes, 50 steps): compiles are shared.
     rng = np.random.default_rng(1)
-    h, steps = 0.05, 40
+    h, steps = 0.04, 50
     b = jnp.asarray(rng.integers(2, 20, steps), float)
-    problems = [random_gaussian(4, 3), diabetes_problem(), diabetes_problem(replace=False)]
+    problems = [random_gaussian(3, 7), diabetes_problem(), diabetes_problem(replace=False)]
     for p in problems:
         parts = js.first_order_parts(p, lr=h, steps=steps)
         lhs = js.expected_loss(p, b, lr=h)
@@ -140,7 +136,7 @@ def test_order_h_squared(which):
 
 def test_vmap_over_noise_and_lr_equals_loop_and_one_trace():
     base = random_gaussian(3, 11)
-    steps = 25
+    steps = 50
     b = jnp.linspace(2.0, 10.0, steps)
     rng = np.random.default_rng(2)
     noises = jnp.asarray(rng.uniform(0.1, 1.0, 16))
@@ -160,15 +156,15 @@ def test_vmap_over_noise_and_lr_equals_loop_and_one_trace():
 
 
 def test_one_trace_per_entry_point():
-    p = random_gaussian(2, 5)
-    b = jnp.full(10, 3.0)
+    p = random_gaussian(3, 5)
+    b = jnp.full(50, 3.0)
     js.expected_loss(p, b, lr=0.1)
-    js.sensitivity(p, lr=0.1, steps=10)
+    js.sensitivity(p, lr=0.1, steps=50)
     before = dict(_expansion.TRACE_COUNTS)
     for h, s2 in [(0.05, 0.1), (0.2, 1.0), (0.01, 0.0)]:
         q = js.GaussianLinearRegression(p.cov * 2, p.x_star, p.x0 + 1, s2)
         js.expected_loss(q, b * 2, lr=h)
-        js.sensitivity(q, lr=h, steps=10)
+        js.sensitivity(q, lr=h, steps=50)
     assert dict(_expansion.TRACE_COUNTS) == before
 
 

@@ -1,0 +1,134 @@
+"""Time per optimal schedule against the dimension d: the eigenbasis path (O(d) per time point,
+Gaussian features given by their spectrum, d = 10 .. 10^4) and the dense diffrax path
+(``optimal_schedule``: ``d x d`` adjoint, O(d^3) per right-hand side, d = 10 .. 500).
+
+Problem: Gaussian linear regression (theory 5.1) with eigenvalues ``lam_i = 1 / i``, initial
+offset ``v0_i = 1 / sqrt(d)``, label noise 0.5, ``h = 0.1``, 200 steps, budget 8 per step. The
+dense path gets the same spectrum rotated by a random orthogonal matrix. Compile time is excluded
+(best of repeated calls after a first one). Fitted exponents: least squares slope of
+log(time) against log(d) over the larger half of the dimensions (the asymptotic regime).
+
+    python experiments/bench_scaling.py [--quick] [--out results]
+"""
+
+import argparse
+import json
+import os
+import time
+
+import jax
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--quick", action="store_true", help="fewer dimensions (dense up to 100)")
+parser.add_argument("--out", default="results")
+args = parser.parse_args()
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jaxsched as js  # noqa: E402
+
+H, K = 0.1, 200
+SAMPLES = 8 * K
+if args.quick:
+    EIGEN_DIMS = [10, 100, 1000, 10000]
+    DENSE_DIMS = [10, 30, 100]
+else:
+    EIGEN_DIMS = [10, 30, 100, 300, 1000, 3000, 10000]
+    DENSE_DIMS = [10, 20, 50, 100, 200, 500]
+
+
+def spectrum(d):
+    lam = 1.0 / np.arange(1, d + 1)
+    return lam, np.full(d, 1.0 / np.sqrt(d))
+
+
+def best_time(fn, repeats):
+    """First call (compile + run) and the best of ``repeats`` later calls (least disturbed by
+    other processes)."""
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return first, float(np.min(times))
+
+
+def exponent(dims, times):
+    half = len(dims) // 2
+    x, y = np.log(dims[half:]), np.log(times[half:])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+results = {"eigen": [], "dense": []}
+print(f"Gaussian features, lam_i = 1/i, h = {H}, {K} steps, budget {SAMPLES}; "
+      f"device {jax.devices()[0]}")
+for d in EIGEN_DIMS:
+    lam, v0 = spectrum(d)
+    problem = js.DiagonalGaussianRegression(lam, v0, 0.5)
+
+    def run(problem=problem):
+        return js.sweep_core(problem, lr=jnp.asarray([H]), samples=jnp.asarray([SAMPLES]),
+                             steps=K, exact=False).batch_sizes
+
+    first, t = best_time(run, repeats=7)
+    b = np.asarray(run())[0]
+    assert b.sum() == SAMPLES
+    results["eigen"].append({"d": d, "seconds": t, "first_call_s": first})
+    print(f"eigen path  d = {d:6d}: {1e3 * t:9.2f} ms per optimal schedule "
+          f"(first call {first:.1f} s)")
+
+rng = np.random.default_rng(0)
+for d in DENSE_DIMS:
+    lam, v0 = spectrum(d)
+    Q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    problem = js.GaussianLinearRegression((Q * lam) @ Q.T, np.zeros(d), Q @ v0, 0.5)
+
+    def run(problem=problem):
+        return js.optimal_schedule(problem, lr=H, steps=K, samples=SAMPLES).batch_sizes
+
+    first, t = best_time(run, repeats=3 if d <= 100 else 1)
+    if d <= 200:  # the eigen path on the same problem (one eigh) gives the same schedule
+        eig = js.sweep_core(problem, lr=jnp.asarray([H]), samples=jnp.asarray([SAMPLES]),
+                            steps=K, exact=False).batch_sizes[0]
+        assert np.abs(np.asarray(eig) - np.asarray(run())).max() <= 1
+    results["dense"].append({"d": d, "seconds": t, "first_call_s": first})
+    print(f"dense path  d = {d:6d}: {1e3 * t:9.2f} ms per optimal schedule "
+          f"(first call {first:.1f} s)")
+
+for path in ("eigen", "dense"):
+    dims = np.array([r["d"] for r in results[path]], float)
+    times = np.array([r["seconds"] for r in results[path]])
+    results[f"{path}_exponent"] = exponent(dims, times)
+print(f"fitted exponents (time ~ d^p over the larger half of d): eigen p = "
+      f"{results['eigen_exponent']:.2f} (theory 1), dense p = {results['dense_exponent']:.2f} "
+      f"(theory 3 once O(d^3) dominates)")
+
+os.makedirs(args.out, exist_ok=True)
+name = "bench_scaling_quick" if args.quick else "bench_scaling"
+with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+    json.dump(results, f, indent=2)
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+fig, ax = plt.subplots(figsize=(5.5, 4))
+for path, marker in (("eigen", "o"), ("dense", "s")):
+    dims = [r["d"] for r in results[path]]
+    times = [r["seconds"] for r in results[path]]
+    ax.loglog(dims, times, marker=marker,
+              label=f"{path} path (fitted d^{results[path + '_exponent']:.2f})")
+ax.set_xlabel("dimension d")
+ax.set_ylabel("seconds per optimal schedule")
+ax.set_title(f"Optimal schedule, {K} steps ({jax.devices()[0].platform})")
+ax.grid(True, which="both", alpha=0.3)
+ax.legend()
+fig.tight_layout()
+fig.savefig(os.path.join(args.out, f"{name}.png"), dpi=150)
+print(f"wrote {os.path.join(args.out, name)}.json and .png")
