@@ -305,13 +305,20 @@ def _integer_positive(phi, target, lo, hi):
     log_min = jnp.where(any_pos, jnp.min(jnp.where(pos, log_phi, jnp.inf)), 0.0)
     log_bottom = log_min - jnp.log(hi_f) - jnp.log1p(hi_f)
 
-    def halve(_, ab):
-        a, b = ab  # sum(b(a)) >= target side, sum(b(b)) <= target side
+    def halve(state):
+        a, b, it = state  # sum(b(a)) >= target side, sum(b(b)) <= target side
         mid = 0.5 * (a + b)
         within = jnp.sum(_threshold_allocation(log_phi, pos, mid, lo, hi)) <= target
-        return jnp.where(within, a, mid), jnp.where(within, mid, b)
+        return jnp.where(within, a, mid), jnp.where(within, mid, b), it + 1
 
-    _, log_nu = lax.fori_loop(0, _BISECT_ITERS, halve, (log_bottom, log_top))
+    def wide(state):
+        # Stop once the ends are (nearly) adjacent floats: typical brackets need ~55 halvings,
+        # not the worst case's 100.
+        a, b, it = state
+        tiny = 4 * jnp.finfo(a.dtype).eps * jnp.maximum(jnp.abs(a), jnp.abs(b))
+        return (it < _BISECT_ITERS) & (b - a > tiny)
+
+    _, log_nu, _ = lax.while_loop(wide, halve, (log_bottom, log_top, 0))
     b0 = _threshold_allocation(log_phi, pos, log_nu, lo, hi)
 
     # Shortcut for many exact ties at the threshold (e.g. constant phi): give the remaining
