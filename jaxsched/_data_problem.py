@@ -42,9 +42,9 @@ def _check_data(data) -> tuple[Any, int]:
             raise ValueError(f"data: a leaf cannot be converted to an array ({e})") from None
         if arr.ndim == 0:
             raise ValueError("data: every leaf needs a leading example axis, got a scalar leaf")
-        if _is_concrete(arr) and jnp.issubdtype(arr.dtype, jnp.inexact):
-            if not bool(np.all(np.isfinite(np.asarray(arr)))):
-                raise ValueError("data: contains NaN or infinite values")
+        if (_is_concrete(arr) and jnp.issubdtype(arr.dtype, jnp.inexact)
+                and not bool(np.all(np.isfinite(np.asarray(arr))))):
+            raise ValueError("data: contains NaN or infinite values")
         out.append(arr)
     sizes = {a.shape[0] for a in out}
     if len(sizes) != 1:

@@ -31,7 +31,12 @@ The reported loss is ``problem.terminal_value`` (the exact ``F``, not a minibatc
 
 Randomness: path ``i`` uses ``fold_in(key, i)``, step ``k`` of it ``fold_in(path_key, k)`` and
 sample ``j`` of that step ``fold_in(step_key, j)``. So a fixed ``key`` gives identical results, path
-``i`` does not depend on ``num_paths``, and SGD results do not depend on ``chunk_size``.
+``i`` does not depend on ``num_paths``, and SGD results do not depend on ``chunk_size`` (up to
+the order of floating-point summation).
+
+Control variates: ``control_variate=True`` adds ``final_loss_cv``, an estimator of ``E F`` with the
+same expectation and a much smaller variance when the final gradient is not small: the loss minus
+its linear response to the noise along the noise-free path, which has mean exactly zero.
 """
 
 from __future__ import annotations
@@ -75,24 +80,34 @@ class SimulationResult(eqx.Module):
         loss_steps: ``(grid,)`` step indices ``0, r, 2r, ..., K`` at which the loss was recorded
             (``None`` unless ``record_every=r`` was given). Time is ``loss_steps * lr``.
         loss_paths: ``(num_paths, grid)`` loss ``F`` of every path on that grid (or ``None``).
+        final_loss_cv: ``(num_paths,)`` control-variate estimator of ``F(x_K)`` with the same
+            expectation and a smaller variance (``simulate_sgd(..., control_variate=True)``), or
+            ``None``. When present, :meth:`mean` and :meth:`stderr` use it.
     """
 
     final_loss: Float[Array, " paths"]
     final_params: Float[Array, "paths d"]
     loss_steps: Int[Array, " grid"] | None = None
     loss_paths: Float[Array, "paths grid"] | None = None
+    final_loss_cv: Float[Array, " paths"] | None = None
 
     @property
     def num_paths(self) -> int:
         return self.final_loss.shape[0]
 
+    @property
+    def estimator(self) -> Float[Array, " paths"]:
+        """Per-path unbiased estimates of ``E F(x_K)``: ``final_loss_cv`` when present, else
+        ``final_loss``."""
+        return self.final_loss if self.final_loss_cv is None else self.final_loss_cv
+
     def mean(self) -> Scalar:
-        """Monte Carlo estimate of ``E F(x_K)``."""
-        return jnp.mean(self.final_loss)
+        """Monte Carlo estimate of ``E F(x_K)`` (mean of :attr:`estimator`)."""
+        return jnp.mean(self.estimator)
 
     def stderr(self) -> Scalar:
         """Standard error of :meth:`mean` (sample standard deviation / sqrt(num_paths))."""
-        return _stderr(self.final_loss, axis=0)
+        return _stderr(self.estimator, axis=0)
 
     @property
     def mean_loss(self) -> Float[Array, " grid"] | None:
@@ -257,8 +272,8 @@ def _num_examples(problem) -> int:
 _TAIL_BLOCK = 4
 
 
-def _blocked_sum(block_sum: Callable[[Array], Vector], count: Array, chunk: int,
-                 init: Vector) -> Vector:
+def _blocked_sum(block_sum: Callable[[Array, Array], Array], count: Array, chunk: int,
+                 init: Array) -> Array:
     """``sum_{j < count} g_j`` where ``block_sum(j_block, mask)`` sums ``g_j`` over an int block of
     sample indices where ``mask``. ``count`` is a traced integer: the loops have traced trip counts,
     so one compiled function serves every batch size, and the largest live block has ``chunk``
@@ -367,7 +382,8 @@ def _package(problem, x_final, seg_losses, loss0, ends, record_every) -> Simulat
 # ------------------------------------------------------------------------------------------------
 def simulate_sgd(problem: AbstractProblem, batch_sizes, *, lr, num_paths: int, key,
                  replace: bool | None = None, record_every: int | None = None,
-                 chunk_size: int | None = None) -> SimulationResult:
+                 chunk_size: int | None = None, control_variate: bool = False
+                 ) -> SimulationResult:
     """Monte Carlo of real minibatch SGD, ``x_{k+1} = x_k - h mean_{j < b_k} grad l(x_k; xi_kj)``
     (theory 1), vmapped over ``num_paths`` independent paths.
 
@@ -392,7 +408,15 @@ def simulate_sgd(problem: AbstractProblem, batch_sizes, *, lr, num_paths: int, k
             the simulation matches the problem's ``noise_weight``.
         record_every: if given, also record every path's loss at steps ``0, r, 2r, ..., K``.
         chunk_size: largest block of per-sample gradients held at once; default chooses a power of
-            two keeping one block near 32 MiB. Results do not depend on it.
+            two keeping one block near 32 MiB. Results do not depend on it (up to rounding).
+        control_variate: also return ``final_loss_cv = F(x_K) - Z`` where
+            ``Z = sum_k c_k . (g_k(xbar_k) - grad f(xbar_k))`` is the linear response of the loss to
+            the gradient noise, evaluated with the *same samples* at the deterministic
+            gradient-descent point ``xbar_k`` (``c_k`` by a backward pass of Hessian-vector
+            products). ``E Z = 0`` exactly, so ``final_loss_cv`` has the same expectation as
+            ``final_loss``; it removes the ``O(h)`` leading fluctuation and leaves ``O(h^2)``
+            variance, typically shrinking the standard error several-fold. Costs a second gradient
+            per sample (the samples themselves are shared).
 
     Returns:
         :class:`SimulationResult` (``final_loss = F(x_K)`` per path, ``final_params``, and the
@@ -428,18 +452,53 @@ def simulate_sgd(problem: AbstractProblem, batch_sizes, *, lr, num_paths: int, k
                                      max_size=None if replace else n)
     if chunk_size is None:
         chunk_size = _default_chunk(num_paths, problem.dim + 1)
+    if not isinstance(control_variate, bool):
+        raise ValueError(f"control_variate: must be a bool, got {control_variate!r}")
     keys = _path_keys(key, num_paths)
     return _sgd_core(problem, batch_sizes, lr, keys, data=data, replace=replace,
-                     chunk=chunk_size, record_every=record_every)
+                     chunk=chunk_size, record_every=record_every,
+                     control_variate=control_variate)
+
+
+def _gd_control_path(problem, b_flat, lr):
+    """The deterministic quantities of the control variate: the gradient-descent path ``xbar_k``
+    (the point at the start of step ``k``), ``grad f(xbar_k)``, and the coefficients
+    ``c_k = -h lam_{k+1}`` of the linear response ``grad F(xbar_K) . (x_K - xbar_K) ~ sum_k c_k .
+    xi_k`` to the gradient noise ``xi_k``, with ``lam_K = grad F(xbar_K)``,
+    ``lam_k = (I - h H(xbar_k)) lam_{k+1}`` (Hessian-vector products)."""
+
+    def forward(x, b):
+        return jnp.where(b > 0, x - lr * problem.gradient(x), x), x
+
+    x_last, xbar = jax.lax.scan(forward, problem.x0, b_flat)
+
+    def backward(lam, inp):
+        x, b = inp
+        hvp = jax.jvp(problem.gradient, (x,), (lam,))[1]
+        return jnp.where(b > 0, lam - lr * hvp, lam), -lr * lam
+
+    _, coef = jax.lax.scan(backward, problem.terminal_gradient(x_last), (xbar, b_flat),
+                           reverse=True)
+    return xbar, jax.vmap(problem.gradient)(xbar), coef
 
 
 @eqx.filter_jit
-def _sgd_core(problem, batch_sizes, lr, keys, *, data, replace, chunk, record_every):
+def _sgd_core(problem, batch_sizes, lr, keys, *, data, replace, chunk, record_every,
+              control_variate):
     TRACE_COUNTS["sgd"] += 1
-    b_seg, ends, steps = _segments(batch_sizes, record_every, 0)
+    b_seg, ends, _ = _segments(batch_sizes, record_every, 0)
     k_seg = jnp.arange(b_seg.size, dtype=jnp.int32).reshape(b_seg.shape)
     x0 = problem.x0
-    zero = jnp.zeros_like(x0)
+    lr = lr.astype(x0.dtype)
+    d = x0.shape[0]
+    # With the control variate every sample's gradient is also taken at the gradient-descent
+    # point xbar_k (same sample), so rows are (x_k, xbar_k); without it there is one row.
+    rows = 2 if control_variate else 1
+    if control_variate:
+        cv_inputs = _gd_control_path(problem, b_seg.reshape(-1), lr)
+    else:
+        cv_inputs = tuple(jnp.zeros((b_seg.size, d), x0.dtype) for _ in range(3))
+    cv_seg = tuple(a.reshape(b_seg.shape + (d,)) for a in cv_inputs)
 
     if data:
         grads_of = _example_gradients_fn(problem)
@@ -447,54 +506,71 @@ def _sgd_core(problem, batch_sizes, lr, keys, *, data, replace, chunk, record_ev
     else:
         grad_of = _online_gradient_fn(problem)
 
-    def gradient_sum(x, perm, b, skey):
-        """Sum of the ``b`` per-sample gradients of one step, and the updated permutation."""
-        def masked_sum(g, mask):
-            return jnp.where(mask[:, None], g, 0.0).sum(0)
+    def gradient_sum(X, perm, b, skey):
+        """Sums over the ``b`` samples of one step of their gradients at each row of ``X``
+        (``(rows, d)``), and the updated permutation."""
+        def masked_sum(g, mask):  # g: (rows, size, d)
+            return jnp.where(mask[None, :, None], g, 0.0).sum(1)
+
+        def at_rows(idx):
+            return jax.vmap(lambda xx: grads_of(xx, idx))(X)
 
         if not data:
+            def one(jj):
+                return jax.vmap(grad_of, in_axes=(0, None))(X, jax.random.fold_in(skey, jj))
+
             def block(j, mask):
-                g = jax.vmap(lambda jj: grad_of(x, jax.random.fold_in(skey, jj)))(j)
-                return masked_sum(g, mask)
+                return masked_sum(jnp.swapaxes(jax.vmap(one)(j), 0, 1), mask)
         elif replace:
             def block(j, mask):
                 idx = jax.vmap(lambda jj: jax.random.randint(
                     jax.random.fold_in(skey, jj), (), 0, n, jnp.int32))(j)
-                return masked_sum(grads_of(x, idx), mask)
+                return masked_sum(at_rows(idx), mask)
         else:
             # Partial Fisher–Yates from the path's current arrangement: after the swaps,
             # perm[:b] is a uniform random b-subset (any starting order works), in O(b) work.
             def swap(j, p):
                 r = jax.random.randint(jax.random.fold_in(skey, j), (), j, n, jnp.int32)
-                pj, pr = p[j], p[r]
-                return p.at[j].set(pr).at[r].set(pj)
+                # one scatter of both entries: XLA then updates the loop carry in place (two
+                # chained scatters made it copy the whole permutation on every swap)
+                return p.at[jnp.stack([j, r])].set(jnp.stack([p[r], p[j]]))
 
             perm = jax.lax.fori_loop(0, b, swap, perm)
 
             def block(j, mask):
                 # j may run past n in the masked tail: clamp the gather, the mask drops it.
-                return masked_sum(grads_of(x, perm[jnp.minimum(j, n - 1)]), mask)
-        return _blocked_sum(block, b, chunk, zero), perm
+                return masked_sum(at_rows(perm[jnp.minimum(j, n - 1)]), mask)
+        return _blocked_sum(block, b, chunk, jnp.zeros((rows, d), x0.dtype)), perm
 
     def one_path(pkey):
         perm0 = jnp.arange(n, dtype=jnp.int32) if (data and not replace) else jnp.zeros((0,))
 
         def step(carry, inp):
-            x, perm = carry
-            k, b = inp
-            total, perm = gradient_sum(x, perm, b, jax.random.fold_in(pkey, k))
-            # b == 0 marks a padding step: total is 0 there, so x is unchanged.
-            return (x - lr * total / jnp.maximum(b, 1).astype(x.dtype), perm), None
+            x, z, perm = carry
+            k, b, xbar, gbar, coef = inp
+            X = jnp.stack([x, xbar]) if control_variate else x[None]
+            total, perm = gradient_sum(X, perm, b, jax.random.fold_in(pkey, k))
+            # b == 0 marks a padding step: total is 0 there, so x and z are unchanged.
+            mean_g = total / jnp.maximum(b, 1).astype(x.dtype)
+            if control_variate:
+                z = z + jnp.where(b > 0, jnp.dot(coef, mean_g[1] - gbar), 0.0)
+            return (x - lr * mean_g[0], z, perm), None
 
         def segment(carry, inp):
             carry, _ = jax.lax.scan(step, carry, inp)
             return carry, problem.terminal_value(carry[0])
 
-        (x, _), losses = jax.lax.scan(segment, (x0, perm0), (k_seg, b_seg))
-        return x, losses
+        init = (x0, jnp.zeros((), x0.dtype), perm0)
+        (x, z, _), losses = jax.lax.scan(segment, init, (k_seg, b_seg) + cv_seg)
+        return x, z, losses
 
-    x_final, seg_losses = jax.vmap(one_path)(keys)
-    return _package(problem, x_final, seg_losses, problem.terminal_value(x0), ends, record_every)
+    x_final, z, seg_losses = jax.vmap(one_path)(keys)
+    result = _package(problem, x_final, seg_losses, problem.terminal_value(x0), ends,
+                      record_every)
+    if control_variate:
+        result = SimulationResult(result.final_loss, result.final_params, result.loss_steps,
+                                  result.loss_paths, result.final_loss - z)
+    return result
 
 
 # ------------------------------------------------------------------------------------------------
@@ -550,7 +626,8 @@ def _diffusion_fns(problem):
 
 def simulate_sde(problem: AbstractProblem, batch_sizes, *, lr, num_paths: int, key,
                  correction: bool = True, solver: str = "srk", method: str = "diffrax",
-                 dt: float | None = None, record_every: int | None = None) -> SimulationResult:
+                 dt: float | None = None, record_every: int | None = None,
+                 control_variate: bool = False) -> SimulationResult:
     """Monte Carlo of the diffusion of theory 2 on ``[0, T]``, ``T = K h``:
 
         dX = -grad f dt - (h/4) grad |grad f|^2 dt + sqrt(h u(t)) sigma(X) dW,
@@ -589,14 +666,19 @@ def simulate_sde(problem: AbstractProblem, batch_sizes, *, lr, num_paths: int, k
         method: ``"diffrax"`` or ``"scan"``.
         dt: solver step (``<= h``); default see above.
         record_every: if given, also record every path's loss at steps ``0, r, 2r, ..., K``.
+        control_variate: ``method="scan"`` only: also return ``final_loss_cv = F(X_T) - Z``, where
+            ``Z`` is the linear response of ``F`` to the Gaussian increments along the noise-free
+            path (``E Z = 0`` exactly, so the expectation is unchanged and the ``O(h)`` leading
+            fluctuation cancels; see :func:`simulate_sgd`).
 
     Returns:
         :class:`SimulationResult`.
 
     Raises:
         ValueError: naming the argument, for ``lr <= 0``, ``num_paths < 1``, non-positive batch
-            sizes, an unknown solver or method, ``dt <= 0`` or ``dt > lr``, ``dt`` with a traced
-            ``lr``, or a bad key / ``record_every``.
+            sizes, an unknown solver or method, ``control_variate`` without ``method="scan"``,
+            ``dt <= 0`` or ``dt > lr``, ``dt`` with a traced ``lr``, or a bad key /
+            ``record_every``.
     """
     if solver not in _DEFAULT_SUBSTEPS:
         raise ValueError(f"solver: must be 'euler' or 'srk', got {solver!r}")
@@ -604,6 +686,10 @@ def simulate_sde(problem: AbstractProblem, batch_sizes, *, lr, num_paths: int, k
         raise ValueError(f"method: must be 'diffrax' or 'scan', got {method!r}")
     if not isinstance(correction, bool):
         raise ValueError(f"correction: must be a bool, got {correction!r}")
+    if not isinstance(control_variate, bool):
+        raise ValueError(f"control_variate: must be a bool, got {control_variate!r}")
+    if control_variate and method != "scan":
+        raise ValueError("control_variate: only available with method='scan'")
     lr = _check_lr(lr)
     num_paths = _check_positive_int("num_paths", num_paths)
     record_every = _check_positive_int("record_every", record_every, allow_none=True)
@@ -621,18 +707,25 @@ def simulate_sde(problem: AbstractProblem, batch_sizes, *, lr, num_paths: int, k
     # correction is an array leaf (0 or 1), so switching it does not recompile.
     corr = jnp.asarray(1.0 if correction else 0.0, dtype=lr.dtype)
     return _sde_core(problem, batch_sizes, lr, corr, keys, solver=solver, method=method,
-                     substeps=substeps, record_every=record_every)
+                     substeps=substeps, record_every=record_every,
+                     control_variate=control_variate)
 
 
 @eqx.filter_jit
-def _sde_core(problem, batch_sizes, lr, corr, keys, *, solver, method, substeps, record_every):
+def _sde_core(problem, batch_sizes, lr, corr, keys, *, solver, method, substeps, record_every,
+              control_variate):
     TRACE_COUNTS["sde"] += 1
-    b_seg, ends, steps = _segments(batch_sizes, record_every, 0.0)
+    b_seg, ends, _ = _segments(batch_sizes, record_every, 0.0)
     k_seg = jnp.arange(b_seg.size, dtype=jnp.int32).reshape(b_seg.shape)
     sigma0, m, ito_to_strat = _diffusion_fns(problem)
     x0 = problem.x0
     h = lr.astype(x0.dtype)
     dt = h / substeps
+
+    def weight(b):
+        """``u = noise_weight(b)``; ``b == 0`` marks a padding step (inactive)."""
+        active = b > 0
+        return active, problem.noise_weight(jnp.where(active, b, 1.0))
 
     def drift(x, u):
         g = problem.gradient(x)
@@ -642,21 +735,27 @@ def _sde_core(problem, batch_sizes, lr, corr, keys, *, solver, method, substeps,
             out = out - 0.5 * h * u * ito_to_strat(x)
         return out
 
-    def step_scan(x, u, skey):
+    def scheme(x, u, noise):
+        """One substep of the scan scheme given its noise increment ``sqrt(h u) sigma0 dW``."""
+        bx = drift(x, u)
+        if solver == "euler":
+            return x + bx * dt + noise
+        xp = x + bx * dt + noise
+        return x + 0.5 * (bx + drift(xp, u)) * dt + noise
+
+    def step_scan(x, u, skey, cv_coef):
         scale = jnp.sqrt(h * u * dt)
 
+        # all increments of the step in one draw (one generator call instead of one per substep)
+        zs = jax.random.normal(skey, (substeps, m), x.dtype)
+        z_acc = jnp.sum(cv_coef * zs) if control_variate else jnp.zeros((), x.dtype)
+
         def sub(j, x):
-            z = jax.random.normal(jax.random.fold_in(skey, j), (m,), x.dtype)
-            noise = scale * (sigma0(x) @ z)
-            bx = drift(x, u)
-            if solver == "euler":
-                return x + bx * dt + noise
-            xp = x + bx * dt + noise
-            return x + 0.5 * (bx + drift(xp, u)) * dt + noise
+            return scheme(x, u, scale * (sigma0(x) @ zs[j]))
 
-        return jax.lax.fori_loop(0, substeps, sub, x)
+        return jax.lax.fori_loop(0, substeps, sub, x), z_acc
 
-    def step_diffrax(x, u, skey):
+    def step_diffrax(x, u, skey, cv_coef):
         levy = diffrax.SpaceTimeLevyArea if solver == "srk" else diffrax.BrownianIncrement
         # One tree per step on the local interval [0, h]: independent Brownian pieces make one
         # Brownian motion, and u is constant on the whole solve (no stage lands on a step edge).
@@ -667,23 +766,72 @@ def _sde_core(problem, batch_sizes, lr, corr, keys, *, solver, method, substeps,
         sol = diffrax.diffeqsolve(
             terms, diffrax.GeneralShARK() if solver == "srk" else diffrax.Euler(), 0.0, h, dt, x, u,
             saveat=diffrax.SaveAt(t1=True), max_steps=substeps + 2)
-        return sol.ys[-1]
+        return sol.ys[-1], jnp.zeros((), x.dtype)
 
     step_fn = step_diffrax if method == "diffrax" else step_scan
+    if control_variate:
+        cv_seg = _sde_control_coefficients(problem, b_seg.reshape(-1), weight, drift, scheme,
+                                           sigma0, h, dt, substeps)
+        cv_seg = cv_seg.reshape(b_seg.shape + cv_seg.shape[1:])
+    else:
+        cv_seg = jnp.zeros(b_seg.shape + (0,), x0.dtype)
 
     def one_path(pkey):
-        def step(x, inp):
-            k, b = inp
-            active = b > 0
-            u = problem.noise_weight(jnp.where(active, b, 1.0))
-            x_new = step_fn(x, u, jax.random.fold_in(pkey, k))
-            return jnp.where(active, x_new, x), None
+        def step(carry, inp):
+            x, z = carry
+            k, b, cv_coef = inp
+            active, u = weight(b)
+            x_new, dz = step_fn(x, u, jax.random.fold_in(pkey, k), cv_coef)
+            return (jnp.where(active, x_new, x), z + jnp.where(active, dz, 0.0)), None
 
-        def segment(x, inp):
-            x, _ = jax.lax.scan(step, x, inp)
-            return x, problem.terminal_value(x)
+        def segment(carry, inp):
+            carry, _ = jax.lax.scan(step, carry, inp)
+            return carry, problem.terminal_value(carry[0])
 
-        return jax.lax.scan(segment, x0, (k_seg, b_seg))
+        init = (x0, jnp.zeros((), x0.dtype))
+        (x, z), losses = jax.lax.scan(segment, init, (k_seg, b_seg, cv_seg))
+        return x, z, losses
 
-    x_final, seg_losses = jax.vmap(one_path)(keys)
-    return _package(problem, x_final, seg_losses, problem.terminal_value(x0), ends, record_every)
+    x_final, z, seg_losses = jax.vmap(one_path)(keys)
+    result = _package(problem, x_final, seg_losses, problem.terminal_value(x0), ends,
+                      record_every)
+    if control_variate:
+        result = SimulationResult(result.final_loss, result.final_params, result.loss_steps,
+                                  result.loss_paths, result.final_loss - z)
+    return result
+
+
+def _sde_control_coefficients(problem, b_flat, weight, drift, scheme, sigma0, h, dt, substeps):
+    """Coefficients ``a_{k,j}`` (``(K, substeps, m)``) of the control variate
+    ``Z = sum a_{k,j} . z_{k,j}`` of the scan method: the linear response of ``F`` to the standard
+    normal increments ``z`` along the noise-free path ``xbar`` of the same scheme,
+    ``a = sqrt(h u dt) sigma0(xbar)^T lam`` with ``lam_N = grad F(xbar_N)`` and
+    ``lam_n = (I + dt Db(xbar_n)) lam_{n+1}`` (``Db`` is symmetric: the drift is a gradient). Any
+    deterministic coefficients give ``E Z = 0``; these make ``Z`` cancel the leading fluctuation."""
+
+    def forward(x, b):
+        active, u = weight(b)
+
+        def sub(x, _):
+            return scheme(x, u, jnp.zeros_like(x)), x
+
+        x_new, xs = jax.lax.scan(sub, x, None, length=substeps)
+        return jnp.where(active, x_new, x), xs
+
+    x_last, xbar = jax.lax.scan(forward, problem.x0, b_flat)
+
+    def backward(lam, inp):
+        xs, b = inp
+        active, u = weight(b)
+        scale = jnp.sqrt(h * u * dt)
+
+        def sub(lam, x):
+            coef = scale * (sigma0(x).T @ lam)
+            return lam + dt * jax.jvp(lambda y: drift(y, u), (x,), (lam,))[1], coef
+
+        lam_new, coefs = jax.lax.scan(sub, lam, xs, reverse=True)
+        return jnp.where(active, lam_new, lam), jnp.where(active, coefs, 0.0)
+
+    _, coefs = jax.lax.scan(backward, problem.terminal_gradient(x_last), (xbar, b_flat),
+                            reverse=True)
+    return coefs
