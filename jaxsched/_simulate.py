@@ -579,6 +579,26 @@ def _sgd_core(problem, batch_sizes, lr, keys, *, data, replace, chunk, record_ev
 _DEFAULT_SUBSTEPS = {"euler": 16, "srk": 4}
 
 
+#: Up to this dimension the Cholesky factor is written out elementwise: for the small matrices of
+#: low-dimensional problems a fused elementwise kernel is several times faster, batched over paths
+#: inside a loop, than a call to LAPACK per loop iteration.
+_UNROLLED_CHOLESKY_MAX_DIM = 8
+
+
+def _unrolled_cholesky(a: Matrix) -> Matrix:
+    """Lower Cholesky factor of a small SPD matrix by the textbook recursion, unrolled at trace
+    time (``d(d+1)/2`` scalar expressions)."""
+    d = a.shape[-1]
+    low = [[None] * d for _ in range(d)]
+    for j in range(d):
+        low[j][j] = jnp.sqrt(a[j, j] - sum(low[j][k] ** 2 for k in range(j)))
+        for i in range(j + 1, d):
+            low[i][j] = (a[i, j] - sum(low[i][k] * low[j][k] for k in range(j))) / low[j][j]
+    zero = jnp.zeros((), a.dtype)
+    return jnp.stack([jnp.stack([low[i][j] if j <= i else zero for j in range(d)])
+                      for i in range(d)])
+
+
 def _diffusion_fns(problem):
     """``sigma0(x)`` with ``sigma0 sigma0^T = Sigma(x)`` (the noise is ``sqrt(h u) sigma0 dW``),
     the Brownian dimension, and ``ito_to_strat(x) = sum_j Dsigma0_j(x)[sigma0_j(x)]`` (half of it,
@@ -609,12 +629,13 @@ def _diffusion_fns(problem):
         return sigma0, n, ito_to_strat
 
     d = problem.dim
+    cholesky = _unrolled_cholesky if d <= _UNROLLED_CHOLESKY_MAX_DIM else jnp.linalg.cholesky
 
     def sigma0(x):
         s = problem.covariance(x)
         s = 0.5 * (s + s.T)
         jitter = 1e-12 * jnp.trace(s) / d + jnp.finfo(s.dtype).tiny
-        return jnp.linalg.cholesky(s + jitter * jnp.eye(d, dtype=s.dtype))
+        return cholesky(s + jitter * jnp.eye(d, dtype=s.dtype))
 
     def ito_to_strat(x):
         sig = sigma0(x)
@@ -753,7 +774,8 @@ def _sde_core(problem, batch_sizes, lr, corr, keys, *, solver, method, substeps,
         def sub(j, x):
             return scheme(x, u, scale * (sigma0(x) @ zs[j]))
 
-        return jax.lax.fori_loop(0, substeps, sub, x), z_acc
+        # unrolled: the substeps are few and static, and the loop overhead is then gone
+        return jax.lax.fori_loop(0, substeps, sub, x, unroll=True), z_acc
 
     def step_diffrax(x, u, skey, cv_coef):
         levy = diffrax.SpaceTimeLevyArea if solver == "srk" else diffrax.BrownianIncrement
