@@ -34,11 +34,21 @@ interpolating polynomial over that step. With ``steps_per_panel=1`` every step i
 (Gauss–Legendre, error ``O(h^(2q+1))``); coarser panels of ``steps_per_panel`` steps, graded down to
 single steps near ``T`` where ``phi`` has a boundary layer, trade accuracy for speed.
 
-Subsampling: with ``num_examples = m < n`` a uniform sample of ``m`` examples *without*
-replacement (the same sample at every node, so errors are smooth in ``t``) gives the unbiased
-estimator ``(1/m) sum_{i in S} q_ik`` of ``phi_k``, whose standard error is
-``sqrt((1 - m/n) s_k^2 / m)`` (``s_k^2`` the sample variance of ``q_ik``; finite-population
-correction, so it is 0 when ``m = n``).
+Subsampling: with ``num_examples = m < n`` the same sample of examples is used at every node (so
+the errors are smooth in ``t`` and the schedule's shape is stable), and ``phi_k`` gets an unbiased
+estimate with a standard error:
+
+- ``sampling="importance"`` (default): ``m`` i.i.d. draws with probabilities
+  ``p_i = 1/(2n) + s_i / (2 sum_j s_j)``, ``s_i`` the squared norm of the centred gradient of example
+  ``i`` integrated along the path (one cheap extra pass, per-example gradients only); estimator
+  ``(1/m) sum_r q_{I_r k} / (n p_{I_r})``, standard error ``sd / sqrt(m)``. ``q_i`` scales with
+  ``|g~_i|^2``, so this removes most of the variance when a few examples dominate -- on the
+  breast-cancer data one example carries a third of ``phi``, and uniform samples of 25 out of 100
+  gave intervals ``+- 2 SE`` that covered ``phi`` only about half of the time. The half-uniform
+  mixture bounds the weights ``1/(n p_i) <= 2``.
+- ``sampling="uniform"``: ``m`` examples without replacement, estimator ``(1/m) sum_{i in S} q_ik``,
+  standard error ``sqrt((1 - m/n) s_k^2 / m)`` (finite-population correction). Unbiased, but its
+  standard error is only trustworthy when no few examples dominate ``phi``.
 """
 
 from __future__ import annotations
@@ -91,8 +101,14 @@ class MatrixFreeSensitivity(eqx.Module):
         stderr: ``(steps,)`` standard errors of ``phi`` (zeros when all examples are used).
         node_times: ``(nodes,)`` the times ``t_j`` where ``phi(t)`` was evaluated.
         phi_nodes: ``(nodes,)`` ``phi(t_j)`` (estimates when subsampling).
+        contributions: ``(steps, m)`` one term per sampled example whose mean over the sample is
+            ``phi_k``: the step integral ``q_ik`` of ``g~_i^T Lam(t) g~_i``, divided by ``n p_i``
+            under importance sampling (for a bootstrap or other resampling).
+        sample: ``(m,)`` the indices of the examples used.
+        probabilities: ``(n,)`` the importance-sampling probabilities ``p_i`` (None otherwise).
         num_examples: how many examples were used (``n`` in exact mode).
         exact: whether all examples were used.
+        sampling: ``"exact"``, ``"importance"`` or ``"uniform"``.
         memory: the compiled computation's :class:`MemoryStats` when ``memory_analysis=True``.
     """
 
@@ -100,8 +116,12 @@ class MatrixFreeSensitivity(eqx.Module):
     stderr: StepArray
     node_times: Float[Array, " nodes"]
     phi_nodes: Float[Array, " nodes"]
+    contributions: Float[Array, "steps m"]
+    sample: Int[Array, " m"]
+    probabilities: Float[Array, " n"] | None
     num_examples: int = eqx.field(static=True)
     exact: bool = eqx.field(static=True)
+    sampling: str = eqx.field(static=True)
     memory: MemoryStats | None = eqx.field(static=True, default=None)
 
 
@@ -229,6 +249,31 @@ def _matrix_free_core(problem, lr, rtol, atol, tau, index_chunks, mask_chunks, s
     return q_nodes  # (nodes, padded examples)
 
 
+@eqx.filter_jit
+def _importance_core(problem, lr, rtol, atol, tau, node_weights, solver, max_steps):
+    """``s_i = sum_j omega_j |g_i(x(t_j)) - gbar(x(t_j))|^2``: each example's centred squared
+    gradient norm integrated along the path with the nodes' quadrature weights ``omega_j``.
+    Per-example gradients are formed ``problem.chunk_size`` at a time: memory O(d * chunk)."""
+    dtype = problem.x0.dtype
+    n, c = problem.num_examples, problem.chunk_size
+    k = -(-n // c)
+    idx = jnp.minimum(jnp.arange(k * c), n - 1).reshape(k, c)  # padding repeats the last example
+    dt0 = 0.25 * lr
+
+    def scan_node(carry, inp):
+        t_prev, x_prev, acc = carry
+        t, omega = inp
+        x = _solve(_flow_field, x_prev, t_prev, t, dt0, problem, solver, rtol, atol, max_steps)
+        gbar = problem.gradient(x)
+        sq = jax.lax.map(
+            lambda i: jnp.sum((problem.per_example_gradients(x, i) - gbar) ** 2, axis=1), idx)
+        return (t, x, acc + omega * sq.reshape(-1)[:n]), None
+
+    init = (jnp.zeros((), dtype), problem.x0, jnp.zeros(n, dtype))
+    (_, _, acc), _ = jax.lax.scan(scan_node, init, (lr * tau, node_weights))
+    return acc
+
+
 def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name}: must be an int, got {value!r}")
@@ -252,21 +297,28 @@ def _positive(name: str, value, dtype) -> Scalar:
 
 class _Prepared(NamedTuple):
     core_args: tuple
-    weights: Array
+    weights: Array  # (steps, nodes) quadrature weights in units of steps
     tau: Array
     lr: Array
     m: int
     n: int
+    mode: str  # "exact", "uniform" or "importance"
+    sample: Array  # (m,) example indices
+    ratios: Array  # (m,) 1 / (n p_i) under importance sampling, else ones
+    probabilities: Array | None  # (n,) sampling probabilities under importance sampling
 
 
 def _prepare(problem, lr, steps, num_examples, chunk_size, key, nodes_per_panel, steps_per_panel,
-             rtol, atol, solver, max_steps) -> _Prepared:
-    """Validate the arguments of :func:`sensitivity_matrix_free` and build the core's inputs."""
+             rtol, atol, solver, max_steps, sampling) -> _Prepared:
+    """Validate the arguments of :func:`sensitivity_matrix_free`, draw the sample and build the
+    core's inputs."""
     if not isinstance(problem, DataProblem):
         raise ValueError(
             f"problem: the matrix-free path needs per-example gradients (a DataProblem), got "
             f"{type(problem).__name__}"
         )
+    if sampling not in ("importance", "uniform"):
+        raise ValueError(f"sampling: must be 'importance' or 'uniform', got {sampling!r}")
     dtype = problem.x0.dtype
     n = problem.num_examples
     steps = _check_int("steps", steps, 1)
@@ -280,22 +332,35 @@ def _prepare(problem, lr, steps, num_examples, chunk_size, key, nodes_per_panel,
     rtol = _positive("rtol", (1e-9 if f64 else 1e-5) if rtol is None else rtol, dtype)
     atol = _positive("atol", (1e-12 if f64 else 1e-7) if atol is None else atol, dtype)
     solver = diffrax.Tsit5() if solver is None else solver
+    tau_np, weights_np = _panel_quadrature(steps, steps_per_panel, nodes_per_panel)
+    tau = jnp.asarray(tau_np, dtype)
+    probabilities = None
+    ratios = jnp.ones(m, dtype)
     if m == n:
-        indices = jnp.arange(n)
+        mode, indices = "exact", jnp.arange(n)
     else:
         if key is None:
             raise ValueError("key: a jax.random key is required when num_examples < n")
-        indices = jax.random.choice(key, n, (m,), replace=False)
+        mode = sampling
+        if sampling == "uniform":
+            indices = jax.random.choice(key, n, (m,), replace=False)
+        else:
+            omega = jnp.asarray(weights_np.sum(axis=0), dtype) * lr
+            s = _importance_core(problem, lr, rtol, atol, tau, omega, solver, max_steps)
+            # Defensive mixture: half uniform, so 1 / (n p_i) <= 2 whatever the norms are.
+            total = jnp.sum(s)
+            probabilities = 0.5 / n + 0.5 * jnp.where(total > 0, s / total, 1.0 / n)
+            indices = jax.random.choice(key, n, (m,), replace=True, p=probabilities)
+            ratios = 1.0 / (n * probabilities[indices])
     c = min(chunk_size, m)
     num_chunks = -(-m // c)
     pad = num_chunks * c - m
     index_chunks = jnp.concatenate([indices, jnp.zeros(pad, indices.dtype)]).reshape(num_chunks, c)
     mask_chunks = jnp.concatenate([jnp.ones(m, dtype), jnp.zeros(pad, dtype)]).reshape(
         num_chunks, c)
-    tau, weights = _panel_quadrature(steps, steps_per_panel, nodes_per_panel)
-    tau = jnp.asarray(tau, dtype)
     core_args = (problem, lr, rtol, atol, tau, index_chunks, mask_chunks, solver, steps, max_steps)
-    return _Prepared(core_args, jnp.asarray(weights, dtype), tau, lr, m, n)
+    return _Prepared(core_args, jnp.asarray(weights_np, dtype), tau, lr, m, n, mode, indices,
+                     ratios, probabilities)
 
 
 def sensitivity_matrix_free(
@@ -312,6 +377,7 @@ def sensitivity_matrix_free(
     atol=None,
     solver: diffrax.AbstractSolver | None = None,
     max_steps: int = 16384,
+    sampling: str = "importance",
     memory_analysis: bool = False,
 ) -> MatrixFreeSensitivity:
     """Per-step sensitivities ``phi_k`` (theory 4) without forming any ``d x d`` matrix.
@@ -329,16 +395,16 @@ def sensitivity_matrix_free(
     Memory: ``O(d * chunk_size)`` -- the ODE state ``(x, W, Z)`` holds ``(2 chunk_size + 1) d``
     numbers (times the solver's fixed number of stages), plus the activations of ``chunk_size``
     simultaneous forward-mode passes over one chunk of ``problem.chunk_size`` examples, plus
-    ``nodes * m`` scalars of results. Never ``d^2``. ``memory_analysis=True`` reports the
-    compiled computation's buffers.
+    ``nodes * m`` scalars of results. Importance sampling adds one pass along the path holding
+    ``problem.chunk_size`` per-example gradients at a time. Never ``d^2``. ``memory_analysis=True``
+    reports the main computation's compiled buffers.
 
     Args:
         problem: a :class:`DataProblem` (per-example gradients are needed).
         lr: learning rate ``h > 0``; the horizon is ``T = steps * h``.
         steps: number of SGD steps ``K``.
         num_examples: ``m``, the number of examples used (default: all ``n``, exact). With
-            ``2 <= m < n`` a uniform sample without replacement gives an unbiased estimate and its
-            standard error.
+            ``2 <= m < n`` a sample gives an unbiased estimate and its standard error.
         chunk_size: how many per-example gradient vectors are pushed forward together.
         key: a ``jax.random`` key; required when ``num_examples < n``.
         nodes_per_panel: Gauss–Legendre nodes per panel (accuracy order in each panel).
@@ -350,6 +416,7 @@ def sensitivity_matrix_free(
             float32).
         solver: a diffrax ODE solver (default ``Tsit5``).
         max_steps: the maximum number of solver steps of one solve.
+        sampling: ``"importance"`` (default) or ``"uniform"`` subsampling (module docstring).
         memory_analysis: compile ahead of time and record XLA's memory analysis of the compiled
             computation in ``result.memory`` (same single compilation, not cached across calls).
 
@@ -359,11 +426,11 @@ def sensitivity_matrix_free(
 
     Raises:
         ValueError: naming the argument, for a problem that is not a ``DataProblem``, ``lr <= 0``,
-            bad integers, or a missing ``key`` when subsampling.
+            bad integers, an unknown ``sampling``, or a missing ``key`` when subsampling.
     """
     prep = _prepare(problem, lr, steps, num_examples, chunk_size, key, nodes_per_panel,
-                    steps_per_panel, rtol, atol, solver, max_steps)
-    m, n = prep.m, prep.n
+                    steps_per_panel, rtol, atol, solver, max_steps, sampling)
+    m = prep.m
     memory = None
     if memory_analysis:
         compiled = _matrix_free_core.lower(*prep.core_args).compile()
@@ -371,20 +438,32 @@ def sensitivity_matrix_free(
         q_nodes = compiled(*prep.core_args)[:, :m]
     else:
         q_nodes = _matrix_free_core(*prep.core_args)[:, :m]
-    q_steps = prep.lr * (prep.weights @ q_nodes)  # (steps, m): per-example per-step integrals
+    return _finish(prep, q_nodes, memory)
+
+
+def _finish(prep: _Prepared, q_nodes, memory) -> MatrixFreeSensitivity:
+    """Per-step estimates and standard errors from the per-sample node values ``q_i(t_j)``."""
+    m, n = prep.m, prep.n
+    q_nodes = q_nodes * prep.ratios  # importance weights 1 / (n p_i); ones otherwise
+    q_steps = prep.lr * (prep.weights @ q_nodes)  # (steps, m): per-sample per-step integrals
     phi = jnp.mean(q_steps, axis=1)
-    exact = m == n
-    if exact:
+    if prep.mode == "exact":
         stderr = jnp.zeros_like(phi)
-    else:
+    elif prep.mode == "uniform":  # without replacement: finite-population correction
         stderr = jnp.sqrt((1.0 - m / n) * jnp.var(q_steps, axis=1, ddof=1) / m)
+    else:  # i.i.d. draws with replacement
+        stderr = jnp.std(q_steps, axis=1, ddof=1) / jnp.sqrt(m)
     return MatrixFreeSensitivity(
         phi=phi,
         stderr=stderr,
         node_times=prep.lr * prep.tau,
         phi_nodes=jnp.mean(q_nodes, axis=1),
+        contributions=q_steps,
+        sample=prep.sample,
+        probabilities=prep.probabilities,
         num_examples=m,
-        exact=exact,
+        exact=prep.mode == "exact",
+        sampling=prep.mode,
         memory=memory,
     )
 
