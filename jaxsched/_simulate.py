@@ -368,6 +368,18 @@ def _segments(values: Array, record_every: int | None, fill) -> tuple[Array, Arr
     return values, ends, steps
 
 
+def _run_paths(problem, one_path, keys, x0, ends, record_every, control_variate):
+    """Run ``one_path`` (returning final params, control-variate term, segment losses) over the
+    keys with vmap and package the result; with ``control_variate`` subtract its zero-mean term."""
+    x_final, z, seg_losses = jax.vmap(one_path)(keys)
+    result = _package(problem, x_final, seg_losses, problem.terminal_value(x0), ends,
+                      record_every)
+    if control_variate:
+        result = SimulationResult(result.final_loss, result.final_params, result.loss_steps,
+                                  result.loss_paths, result.final_loss - z)
+    return result
+
+
 def _package(problem, x_final, seg_losses, loss0, ends, record_every) -> SimulationResult:
     final_loss = jax.vmap(problem.terminal_value)(x_final)
     if record_every is None:
@@ -564,13 +576,7 @@ def _sgd_core(problem, batch_sizes, lr, keys, *, data, replace, chunk, record_ev
         (x, z, _), losses = jax.lax.scan(segment, init, (k_seg, b_seg) + cv_seg)
         return x, z, losses
 
-    x_final, z, seg_losses = jax.vmap(one_path)(keys)
-    result = _package(problem, x_final, seg_losses, problem.terminal_value(x0), ends,
-                      record_every)
-    if control_variate:
-        result = SimulationResult(result.final_loss, result.final_params, result.loss_steps,
-                                  result.loss_paths, result.final_loss - z)
-    return result
+    return _run_paths(problem, one_path, keys, x0, ends, record_every, control_variate)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -814,13 +820,7 @@ def _sde_core(problem, batch_sizes, lr, corr, keys, *, solver, method, substeps,
         (x, z), losses = jax.lax.scan(segment, init, (k_seg, b_seg, cv_seg))
         return x, z, losses
 
-    x_final, z, seg_losses = jax.vmap(one_path)(keys)
-    result = _package(problem, x_final, seg_losses, problem.terminal_value(x0), ends,
-                      record_every)
-    if control_variate:
-        result = SimulationResult(result.final_loss, result.final_params, result.loss_steps,
-                                  result.loss_paths, result.final_loss - z)
-    return result
+    return _run_paths(problem, one_path, keys, x0, ends, record_every, control_variate)
 
 
 def _sde_control_coefficients(problem, b_flat, weight, drift, scheme, sigma0, h, dt, substeps):
