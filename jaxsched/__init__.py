@@ -1,13 +1,37 @@
 """jaxsched: optimal batch-size schedules for SGD from the O(h) expansion of its diffusion family."""
 
-from ._problems import (
-    AbstractProblem as AbstractProblem,
-    GaussianLinearRegression as GaussianLinearRegression,
-    LinearRegressionData as LinearRegressionData,
-    Problem as Problem,
-)
+from importlib.metadata import PackageNotFoundError, version as _version
 
-from ._expansion import (
+from . import datasets as datasets
+from ._check.simulate import (
+    SimulationResult as SimulationResult,
+    simulate_sde as simulate_sde,
+    simulate_sgd as simulate_sgd,
+)
+from ._control.allocation import (
+    first_order_objective as first_order_objective,
+    integer_optimum as integer_optimum,
+    relaxed_optimum as relaxed_optimum,
+)
+from ._control.free_form import (
+    free_form_batch_sizes as free_form_batch_sizes,
+    free_form_init as free_form_init,
+)
+from ._control.optimal import (
+    METHODS as METHODS,
+    OptimalSchedule as OptimalSchedule,
+    optimal_schedule as optimal_schedule,
+)
+from ._control.stages import compress_stages as compress_stages
+from ._expansion.eigen import eigen_first_order_parts as eigen_first_order_parts
+from ._expansion.matrix_free import (
+    MatrixFreeSensitivity as MatrixFreeSensitivity,
+    MemoryStats as MemoryStats,
+    NegativeSensitivityReport as NegativeSensitivityReport,
+    negative_sensitivity_report as negative_sensitivity_report,
+    sensitivity_matrix_free as sensitivity_matrix_free,
+)
+from ._expansion.moments import (
     Expansion as Expansion,
     FirstOrderParts as FirstOrderParts,
     expansion as expansion,
@@ -15,8 +39,9 @@ from ._expansion import (
     first_order_parts as first_order_parts,
     sensitivity as sensitivity,
 )
-
-from ._linreg import (
+from ._problem.base import AbstractProblem as AbstractProblem
+from ._problem.data import DataProblem as DataProblem
+from ._problem.exact import (
     exact_expected_loss as exact_expected_loss,
     exact_gd_loss as exact_gd_loss,
     exact_loss_trajectory as exact_loss_trajectory,
@@ -25,55 +50,25 @@ from ._linreg import (
     gaussian_phi as gaussian_phi,
     gaussian_sensitivity as gaussian_sensitivity,
 )
-
-from ._allocation import (
-    first_order_objective as first_order_objective,
-    integer_optimum as integer_optimum,
-    relaxed_optimum as relaxed_optimum,
+from ._problem.general import Problem as Problem, SampledProblem as SampledProblem
+from ._problem.linear import (
+    DiagonalGaussianRegression as DiagonalGaussianRegression,
+    GaussianLinearRegression as GaussianLinearRegression,
+    LinearRegressionData as LinearRegressionData,
 )
-
-from ._schedules import (
-    compress_stages as compress_stages,
+from ._schedule.baselines import (
     constant_schedule as constant_schedule,
-    free_form_batch_sizes as free_form_batch_sizes,
-    free_form_init as free_form_init,
     linear_ramp as linear_ramp,
     round_to_budget as round_to_budget,
     schedule_fn as schedule_fn,
     step_doubling as step_doubling,
 )
-
-from ._control import (
-    METHODS as METHODS,
-    OptimalSchedule as OptimalSchedule,
-    optimal_schedule as optimal_schedule,
-)
-from . import datasets as datasets
-
-from ._data_problem import DataProblem as DataProblem
-from ._matrix_free import (
-    MatrixFreeSensitivity as MatrixFreeSensitivity,
-    MemoryStats as MemoryStats,
-    NegativeSensitivityReport as NegativeSensitivityReport,
-    negative_sensitivity_report as negative_sensitivity_report,
-    sensitivity_matrix_free as sensitivity_matrix_free,
-)
-
-from ._simulate import (
-    SampledProblem as SampledProblem,
-    SimulationResult as SimulationResult,
-    simulate_sde as simulate_sde,
-    simulate_sgd as simulate_sgd,
-)
-
-from ._sweep import (
+from ._sweep.core import (
     Configurations as Configurations,
-    DiagonalGaussianRegression as DiagonalGaussianRegression,
     SweepOutputs as SweepOutputs,
     SweepResult as SweepResult,
     SweepStatus as SweepStatus,
     configurations as configurations,
-    eigen_first_order_parts as eigen_first_order_parts,
     grid as grid,
     load_results as load_results,
     load_sweep as load_sweep,
@@ -81,4 +76,7 @@ from ._sweep import (
     sweep_core as sweep_core,
 )
 
-__version__ = "0.1.0"
+try:
+    __version__ = _version("jaxsched")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0"

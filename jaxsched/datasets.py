@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._problems import GaussianLinearRegression, LinearRegressionData
+from ._problem.linear import GaussianLinearRegression, LinearRegressionData
 
 __all__ = [
     "csv_problem",

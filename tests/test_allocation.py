@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxsched as js
-from jaxsched import _allocation
+from jaxsched._control import allocation as _allocation
 
 # One shape for the randomised property tests, so each jitted core compiles once per file.
 K_PROP = 6

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxsched as js
-from jaxsched import _expansion
+from jaxsched._expansion import moments as _expansion
 from jaxsched.datasets import diabetes_problem
 
 WORKED = dict(cov=jnp.diag(jnp.array([1.0, 0.3, 0.05])), x_star=jnp.zeros(3),

@@ -374,7 +374,7 @@ def test_negative_phi_quartic_min_batch_and_report():
 
 @pytest.mark.parametrize("steps, per_panel, nodes", [(7, 1, 3), (20, 5, 3), (60, 15, 4), (9, 20, 2)])
 def test_panel_quadrature_integrates_panel_polynomials_exactly(steps, per_panel, nodes):
-    from jaxsched._matrix_free import _panel_quadrature, _panel_sizes
+    from jaxsched._expansion.matrix_free import _panel_quadrature, _panel_sizes
 
     sizes = _panel_sizes(steps, per_panel)
     assert sum(sizes) == steps and max(sizes) <= per_panel and sizes[-1] == 1

@@ -8,7 +8,7 @@ import pytest
 from scipy.integrate import quad
 
 import jaxsched as js
-from jaxsched import _expansion
+from jaxsched._expansion import moments as _expansion
 from jaxsched.datasets import diabetes_problem
 
 

@@ -10,7 +10,7 @@ import pytest
 from jax import lax
 
 import jaxsched as js
-from jaxsched import _schedules
+from jaxsched._control import stages as _schedules
 
 K = 6  # one shape for most tests (as in test_allocation), so each jitted core compiles once
 

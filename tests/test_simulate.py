@@ -17,7 +17,7 @@ import pytest
 from sklearn.datasets import load_breast_cancer, load_diabetes
 
 import jaxsched as js
-from jaxsched import _simulate
+from jaxsched._check import simulate as _simulate
 
 # ------------------------------------------------------------------------------------------------
 # Problems

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 import jaxsched as js
-from jaxsched import _sweep, _sweep_cli
+from jaxsched._expansion import eigen as _eigen
+from jaxsched._sweep import core as _sweep
+from jaxsched.cli import sweep as _sweep_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -176,8 +178,8 @@ def test_eigen_path_equals_closed_form_and_dense_reference():
 def test_diagonal_exact_recursion_equals_dense_recursion():
     p = spectral(1.0, 0.4)
     b = jnp.asarray(np.random.default_rng(1).integers(1, 9, STEPS), float)
-    e = _sweep._eigen_form(p)
-    ours = _sweep._diagonal_exact(e, 1.0 / b, jnp.asarray(0.2))
+    e = _eigen._eigen_form(p)
+    ours = _eigen._diagonal_exact(e, 1.0 / b, jnp.asarray(0.2))
     ref = js.exact_expected_loss(p.to_gaussian(), b, lr=0.2)  # theory 5.2, full M_k
     np.testing.assert_allclose(ours, ref, rtol=1e-12)
 

@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from ._problems import AbstractProblem, _is_concrete
-from ._types import Array, Float, Int, Matrix, Scalar, Vector
+from .._misc import _is_concrete
+from .._types import Array, Float, Int, Matrix, Scalar, Vector
+from .base import AbstractProblem
 
 __all__ = ["DataProblem"]
 

@@ -28,14 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._problems import (
-    AbstractProblem,
-    GaussianLinearRegression,
-    LinearRegressionData,
-    _as_float_array,
-    _is_concrete,
-)
-from ._types import Array, Float, Matrix, Scalar, ScalarLike, StepArray, Vector
+from .._misc import _as_float_array, _is_concrete
+from .._types import Array, Float, Matrix, Scalar, ScalarLike, StepArray, Vector
+from .base import AbstractProblem
+from .linear import GaussianLinearRegression, LinearRegressionData
 
 __all__ = [
     "exact_expected_loss",

@@ -18,10 +18,10 @@ import collections
 import diffrax
 import equinox as eqx
 import jax.numpy as jnp
-import numpy as np
 
-from ._problems import AbstractProblem, _is_concrete
-from ._types import Array, Float, Int, Matrix, Scalar, StepArray, Vector
+from .._misc import as_batch_sizes, as_positive_scalar, check_steps
+from .._problem.base import check_problem
+from .._types import Array, Float, Int, Matrix, Scalar, StepArray, Vector
 
 __all__ = ["Expansion", "FirstOrderParts", "expansion", "expected_loss", "sensitivity",
            "first_order_parts"]
@@ -65,53 +65,6 @@ class FirstOrderParts(eqx.Module):
 
 # ------------------------------------------------------------------------------------------------
 # validation helpers shared by the public entry points
-
-
-def check_problem(problem) -> None:
-    if not isinstance(problem, AbstractProblem):
-        raise ValueError(
-            f"problem: expected a jaxsched problem (AbstractProblem), got {type(problem).__name__}"
-        )
-
-
-def as_positive_scalar(name: str, value) -> Array:
-    """A floating scalar array; refused eagerly when concrete and not finite and > 0."""
-    try:
-        arr = jnp.asarray(value)
-    except TypeError:
-        raise ValueError(f"{name}: must be a number, got {value!r}") from None
-    if arr.ndim != 0:
-        raise ValueError(f"{name}: must be a scalar, got shape {arr.shape}")
-    if not jnp.issubdtype(arr.dtype, jnp.floating):
-        arr = arr.astype(jnp.result_type(float))
-    if _is_concrete(arr):
-        v = float(arr)
-        if not np.isfinite(v) or v <= 0:
-            raise ValueError(f"{name}: must be a finite number > 0, got {v}")
-    return arr
-
-
-def check_steps(steps) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
-        raise ValueError(f"steps: must be a Python int, got {steps!r}")
-    if steps <= 0:
-        raise ValueError(f"steps: must be > 0, got {steps}")
-    return int(steps)
-
-
-def as_batch_sizes(batch_sizes, name: str = "batch_sizes") -> Array:
-    try:
-        b = jnp.asarray(batch_sizes)
-    except TypeError:
-        raise ValueError(f"{name}: must be an array of batch sizes") from None
-    if b.ndim != 1 or b.shape[0] == 0:
-        raise ValueError(f"{name}: must be a non-empty 1-D array, got shape {b.shape}")
-    b = b.astype(jnp.result_type(float))
-    if _is_concrete(b):
-        bn = np.asarray(b)
-        if not np.all(np.isfinite(bn)) or np.any(bn <= 0):
-            raise ValueError(f"{name}: every batch size must be finite and > 0")
-    return b
 
 
 def _tolerances(dtype, rtol, atol):

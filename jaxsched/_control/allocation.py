@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._types import Array, ArrayLike, Float, Int, ScalarLike
+from .._types import Array, ArrayLike, Float, Int, ScalarLike
 
 __all__ = ["first_order_objective", "integer_optimum", "relaxed_optimum"]
 

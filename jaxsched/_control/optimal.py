@@ -11,11 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import _allocation as alloc
-from . import _expansion as ex
-from . import _schedules as sched
-from ._problems import _is_concrete
-from ._types import Array, Int, IntStepArray, Scalar, StepArray
+from .._expansion import moments as ex
+from .._misc import _is_concrete
+from .._types import Array, Int, IntStepArray, Scalar, StepArray
+from . import allocation as alloc, free_form as sched
 
 __all__ = ["OptimalSchedule", "optimal_schedule", "METHODS"]
 
@@ -171,7 +170,7 @@ def _gradient_core(problem, parts, lr, samples, lo, hi, rtol, atol, solver, max_
 
 @eqx.filter_jit
 def _exact_core(problem, parts, lr, samples, lo, hi, max_iter, gtol, progress):
-    from ._linreg import exact_expected_loss
+    from .._problem.exact import exact_expected_loss
 
     ex.TRACE_COUNTS["optimal_exact"] += 1
     steps = parts.phi.shape[0]

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -94,11 +92,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     _add_optimize(sub)
-    # The sweep subcommand lives in its own module, registered when that module exists (an error
-    # inside it is a bug and propagates).
-    name = "jaxsched._sweep_cli"
-    if importlib.util.find_spec(name) is not None:
-        importlib.import_module(name).add_parser(sub)
+    from . import sweep as _sweep_cmd
+
+    _sweep_cmd.add_parser(sub)
     return parser
 
 
@@ -321,7 +317,7 @@ def _make_problem(cfg: _Config):
     """(problem, description dict, largest Hessian eigenvalue). Needs x64 already set."""
     import numpy as np
 
-    from . import datasets
+    from .. import datasets
 
     if cfg.dataset == "diabetes":
         problem = datasets.diabetes_problem()

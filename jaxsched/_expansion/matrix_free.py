@@ -61,9 +61,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._data_problem import DataProblem
-from ._problems import _is_concrete
-from ._types import Array, Float, Int, Scalar, StepArray, Vector
+from .._misc import _is_concrete
+from .._problem.data import DataProblem
+from .._types import Array, Float, Int, Scalar, StepArray, Vector
 
 __all__ = [
     "MatrixFreeSensitivity",

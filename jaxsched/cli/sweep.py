@@ -302,7 +302,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="optimal schedules over a grid of configurations (TOML or JSON config)",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("config", help="config file (.toml or .json); see jaxsched._sweep_cli")
+    p.add_argument("config", help="config file (.toml or .json); see jaxsched.cli.sweep")
     p.add_argument("--output", help="results folder (overrides [sweep].output)")
     p.add_argument("--chunk-size", type=int, help="configurations per chunk")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -311,7 +311,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Standalone entry: ``python -m jaxsched._sweep_cli sweep CONFIG``."""
+    """Standalone entry: ``python -m jaxsched.cli.sweep sweep CONFIG``."""
     parser = argparse.ArgumentParser(prog="jaxsched")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

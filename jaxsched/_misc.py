@@ -1,0 +1,74 @@
+"""The one home of argument validation (host-side messages naming the argument), of the tracer
+test that decides whether values can be checked eagerly, and of atomic file writes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._types import Array
+
+
+def _is_concrete(*xs) -> bool:
+    """True when no argument is a tracer, so values can be checked eagerly."""
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(xs))
+
+
+def _as_float_array(name: str, value, ndim: int | None = None) -> Array:
+    """Convert ``value`` to a floating JAX array, refusing wrong rank and (when concrete) NaN/inf."""
+    try:
+        arr = jnp.asarray(value)
+    except TypeError as e:
+        raise ValueError(f"{name}: cannot be converted to an array ({e})") from None
+    # An explicit dtype drops JAX's weak typing, so a Python float and a NumPy float give the same
+    # abstract value and never cause a retrace.
+    dtype = arr.dtype if jnp.issubdtype(arr.dtype, jnp.floating) else jnp.result_type(float)
+    arr = jnp.asarray(arr, dtype=dtype)
+    if ndim is not None and arr.ndim != ndim:
+        raise ValueError(f"{name}: expected an array with {ndim} dimension(s), got shape {arr.shape}")
+    if _is_concrete(arr) and not bool(np.all(np.isfinite(np.asarray(arr)))):
+        raise ValueError(f"{name}: contains NaN or infinite values")
+    return arr
+
+
+def as_positive_scalar(name: str, value) -> Array:
+    """A floating scalar array; refused eagerly when concrete and not finite and > 0."""
+    try:
+        arr = jnp.asarray(value)
+    except TypeError:
+        raise ValueError(f"{name}: must be a number, got {value!r}") from None
+    if arr.ndim != 0:
+        raise ValueError(f"{name}: must be a scalar, got shape {arr.shape}")
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
+        arr = arr.astype(jnp.result_type(float))
+    if _is_concrete(arr):
+        v = float(arr)
+        if not np.isfinite(v) or v <= 0:
+            raise ValueError(f"{name}: must be a finite number > 0, got {v}")
+    return arr
+
+
+def check_steps(steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+        raise ValueError(f"steps: must be a Python int, got {steps!r}")
+    if steps <= 0:
+        raise ValueError(f"steps: must be > 0, got {steps}")
+    return int(steps)
+
+
+def as_batch_sizes(batch_sizes, name: str = "batch_sizes") -> Array:
+    try:
+        b = jnp.asarray(batch_sizes)
+    except TypeError:
+        raise ValueError(f"{name}: must be an array of batch sizes") from None
+    if b.ndim != 1 or b.shape[0] == 0:
+        raise ValueError(f"{name}: must be a non-empty 1-D array, got shape {b.shape}")
+    b = b.astype(jnp.result_type(float))
+    if _is_concrete(b):
+        bn = np.asarray(b)
+        if not np.all(np.isfinite(bn)) or np.any(bn <= 0):
+            raise ValueError(f"{name}: every batch size must be finite and > 0")
+    return b
+
+

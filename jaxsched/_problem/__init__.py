@@ -1,0 +1,1 @@
+"""Problem layer: the loss, the noise covariance, x0 and the exact recursions."""
