@@ -3,6 +3,12 @@ test that decides whether values can be checked eagerly, and of atomic file writ
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,3 +78,46 @@ def as_batch_sizes(batch_sizes, name: str = "batch_sizes") -> Array:
     return b
 
 
+
+
+def atomic_write_files(
+    out: str, writers: dict[str, Callable[[str], None]], *, create: bool = True
+) -> list[str]:
+    """Write each file of ``writers`` (name -> function writing to a given path) into folder ``out``
+    through a temporary name in the same folder, then rename them all; on any failure (or
+    ``KeyboardInterrupt``) remove the temporaries and leave existing files untouched. Files get the
+    usual permissions (``0666 & ~umask``), not ``mkstemp``'s 0600. The one home of atomic writes:
+    ``jaxsched optimize`` and the sweep's chunk files both use it."""
+    if create:
+        os.makedirs(out, exist_ok=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    temps: dict[str, str] = {}
+    try:
+        for name, write in writers.items():
+            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
+            os.close(fd)
+            temps[name] = tmp
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~umask)
+        for name, tmp in temps.items():
+            os.replace(tmp, os.path.join(out, name))
+    except BaseException:
+        for tmp in temps.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        raise
+    return [os.path.join(out, name) for name in writers]
+
+
+def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write one file atomically: ``write`` receives an open file object (binary by default)."""
+
+    def to_path(tmp: str) -> None:
+        with open(tmp, mode) as f:
+            write(f)
+
+    folder, name = os.path.split(os.path.abspath(path))
+    atomic_write_files(folder, {name: to_path}, create=False)
