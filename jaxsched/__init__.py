@@ -63,7 +63,7 @@ from ._schedule.baselines import (
     schedule_fn as schedule_fn,
     step_doubling as step_doubling,
 )
-from ._sweep.core import (
+from ._sweep import (
     Configurations as Configurations,
     SweepOutputs as SweepOutputs,
     SweepResult as SweepResult,
