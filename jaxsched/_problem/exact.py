@@ -29,9 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._misc import _as_float_array, _is_concrete
+from .._optimizer import AbstractOptimizer, as_optimizer
 from .._types import Array, Float, Matrix, Scalar, ScalarLike, StepArray, Vector
 from .base import AbstractProblem
-from .linear import GaussianLinearRegression, LinearRegressionData
+from .linear import DiagonalGaussianRegression, GaussianLinearRegression, LinearRegressionData
 
 __all__ = [
     "exact_expected_loss",
@@ -49,17 +50,20 @@ __all__ = [
 # ------------------------------------------------------------------------------------------------
 
 
+# The one place that maps a problem type to its moment model. It stands in for a method the
+# quadratic base class should offer (``problem.moment_model()``); until then the dispatch lives here.
+_QUADRATIC = (GaussianLinearRegression, DiagonalGaussianRegression, LinearRegressionData)
+
+
 def _check_quadratic(problem) -> None:
     if not isinstance(problem, AbstractProblem):
         raise ValueError(  # noqa: TRY004  (project convention: ValueError naming the argument)
             f"problem: expected a jaxsched problem, got {type(problem).__name__}"
         )
-    if not problem.is_quadratic or not isinstance(
-        problem, (GaussianLinearRegression, LinearRegressionData)
-    ):
+    if not problem.is_quadratic or not isinstance(problem, _QUADRATIC):
         raise ValueError(
-            "problem: exact discrete moments need a quadratic problem "
-            "(GaussianLinearRegression or LinearRegressionData), "
+            "problem: exact discrete moments need a quadratic problem (GaussianLinearRegression, "
+            "DiagonalGaussianRegression or LinearRegressionData), "
             f"got {type(problem).__name__}"
         )
 
@@ -175,9 +179,21 @@ def _data_model(p: LinearRegressionData) -> _QuadraticModel:
     return _QuadraticModel(S, cbar, p.x0 - x_hat, 0.5 * jnp.mean(r**2), noise)
 
 
+def _diagonal_model(p: DiagonalGaussianRegression) -> _QuadraticModel:
+    lam = p.eigenvalues
+
+    def noise(mu, M):
+        # theory 5.2 with S = diag(lam): S M S + tr(S M) S + s2 S
+        return lam[:, None] * M * lam[None, :] + jnp.diag((jnp.dot(lam, jnp.diag(M)) + p.noise_var) * lam)
+
+    return _QuadraticModel(jnp.diag(lam), jnp.zeros_like(p.x0), p.x0, 0.5 * p.noise_var, noise)
+
+
 def _model(problem) -> _QuadraticModel:
     if isinstance(problem, GaussianLinearRegression):
         return _gaussian_model(problem)
+    if isinstance(problem, DiagonalGaussianRegression):
+        return _diagonal_model(problem)
     return _data_model(problem)
 
 
@@ -189,21 +205,46 @@ def _noise_weights(problem, batch_sizes: StepArray) -> StepArray:
     return jnp.where(infinite, jnp.zeros_like(batch_sizes), problem.noise_weight(safe))
 
 
-@eqx.filter_jit
-def _trajectory_core(problem, batch_sizes: StepArray, lr: Scalar) -> Float[Array, " steps+1"]:
-    lr = eqx.error_if(lr, lr <= 0, "lr: must be > 0")
+def _update_coefficients(optimizer, dtype):
+    """``(mu, alpha, beta)`` of the trace-form update (theory 7): ``t' = mu t + g``,
+    ``x' = x - s (alpha g + beta t)``; heavy ball ``(mu, 1, mu)``, Nesterov ``(mu, 1 + mu, mu^2)``."""
+    mu = jnp.asarray(optimizer.momentum, dtype)
+    if optimizer.nesterov:
+        return mu, 1.0 + mu, mu * mu
+    return mu, jnp.ones_like(mu), mu
+
+
+def _guard(step_sizes: StepArray, momentum: Scalar, batch_sizes: StepArray):
+    """Run-time value checks (``eqx.error_if``) for values that are traced."""
+    step_sizes = eqx.error_if(
+        step_sizes, jnp.any(~(step_sizes > 0)) | jnp.any(~jnp.isfinite(step_sizes)),
+        "lr: must be > 0",
+    )
+    momentum = eqx.error_if(
+        momentum, ~((momentum >= 0) & (momentum < 1)), "momentum: must satisfy 0 <= momentum < 1"
+    )
     batch_sizes = eqx.error_if(
         batch_sizes, jnp.any(~(batch_sizes > 0)), "batch_sizes: entries must be > 0"
     )
+    return step_sizes, momentum, batch_sizes
+
+
+@eqx.filter_jit
+def _trajectory_core(problem, batch_sizes: StepArray, step_sizes: StepArray
+                     ) -> Float[Array, " steps+1"]:
+    """Plain SGD, ``v' = v - s_k g_k`` (theory 5.2, 5.3, with per-step rates ``s_k``)."""
+    step_sizes, _, batch_sizes = _guard(step_sizes, jnp.zeros((), step_sizes.dtype), batch_sizes)
     model = _model(problem)
     S, cbar = model.hess, model.offset
-    B = jnp.eye(S.shape[0], dtype=S.dtype) - lr * S
+    eye = jnp.eye(S.shape[0], dtype=S.dtype)
 
     def loss(mu, M):
         return 0.5 * jnp.vdot(S, M) + jnp.dot(cbar, mu) + model.const
 
-    def step(carry, w):
+    def step(carry, inp):
         mu, M = carry
+        w, lr = inp
+        B = eye - lr * S
         Bmu = B @ mu
         cross = jnp.outer(Bmu, cbar)
         M_new = (
@@ -218,66 +259,151 @@ def _trajectory_core(problem, batch_sizes: StepArray, lr: Scalar) -> Float[Array
     mu0 = model.v0
     M0 = jnp.outer(mu0, mu0)
     w = _noise_weights(problem, batch_sizes)
-    _, losses = jax.lax.scan(step, (mu0, M0), w)
+    _, losses = jax.lax.scan(step, (mu0, M0), (w, step_sizes))
     return jnp.concatenate([loss(mu0, M0)[None], losses])
 
 
-def exact_loss_trajectory(
-    problem: AbstractProblem, batch_sizes: Float[Array, " steps"], *, lr: ScalarLike
-) -> Float[Array, " steps+1"]:
-    """Exact ``E f(x_k)``, ``k = 0..K``, of minibatch SGD on a quadratic problem (theory 5.2, 5.3).
+@eqx.filter_jit
+def _momentum_core(problem, batch_sizes: StepArray, optimizer) -> Float[Array, " steps+1"]:
+    """Heavy ball or Nesterov in the trace form, through the augmented state ``z = (v, t)``
+    (theory 7): ``z' = A z + c + B xi`` with ``E xi = 0``, ``Cov xi = w_k E Sigma(v)``, so
 
-    Propagates ``mu_k = E v_k`` and ``M_k = E v_k v_k^T`` exactly through
-    ``x_{k+1} = x_k - h g_k`` with ``Cov[g_k | x_k] = w(b_k) Sigma(x_k)``, where ``w`` is
-    ``problem.noise_weight`` (``1/b``, or ``(n-b)/(b(n-1))`` without replacement). Real-valued batch
-    sizes are allowed and the result is differentiable in them; ``b = inf`` means an exact gradient.
+        m' = A m + c,    P' = A P A^T + A m c^T + c m^T A^T + c c^T + w_k B E[Sigma] B^T,
+
+    with ``A = [[I - s alpha S, -s beta I], [S, mu I]]``, ``B = [-s alpha I; I]``,
+    ``c = [-s alpha cbar; cbar]`` (``P`` the raw second moment, ``m`` the mean)."""
+    model = _model(problem)
+    S, cbar = model.hess, model.offset
+    d = S.shape[0]
+    steps = batch_sizes.shape[0]
+    mu, alpha, beta = _update_coefficients(optimizer, S.dtype)
+    step_sizes = optimizer.step_sizes(steps).astype(S.dtype)
+    step_sizes, mu, batch_sizes = _guard(step_sizes, mu, batch_sizes)
+    eye = jnp.eye(d, dtype=S.dtype)
+
+    def loss(m, P):
+        return 0.5 * jnp.vdot(S, P[:d, :d]) + jnp.dot(cbar, m[:d]) + model.const
+
+    def step(carry, inp):
+        m, P = carry
+        w, s = inp
+        A = jnp.block([[eye - s * alpha * S, -s * beta * eye], [S, mu * eye]])
+        Bn = jnp.concatenate([-s * alpha * eye, eye])
+        c = jnp.concatenate([-s * alpha * cbar, cbar])
+        Am = A @ m
+        cross = jnp.outer(Am, c)
+        noise = model.noise(m[:d], P[:d, :d])
+        P_new = A @ P @ A.T + cross + cross.T + jnp.outer(c, c) + w * (Bn @ noise @ Bn.T)
+        P_new = 0.5 * (P_new + P_new.T)
+        m_new = Am + c
+        return (m_new, P_new), loss(m_new, P_new)
+
+    m0 = jnp.concatenate([model.v0, jnp.zeros_like(model.v0)])
+    P0 = jnp.outer(m0, m0)
+    w = _noise_weights(problem, batch_sizes)
+    _, losses = jax.lax.scan(step, (m0, P0), (w, step_sizes))
+    return jnp.concatenate([loss(m0, P0)[None], losses])
+
+
+def _run(problem, b: StepArray, lr, optimizer) -> Float[Array, " steps+1"]:
+    """Dispatch on the two spellings: ``lr=`` is plain SGD at a constant rate (the ``d x d``
+    recursion); ``optimizer=`` goes through the augmented ``2d x 2d`` recursion of theory 7, which
+    equals the plain one to rounding at momentum 0."""
+    dtype = _dtype(problem)
+    if optimizer is None:
+        if lr is None:
+            as_optimizer(None, None)  # raises the one message for "neither lr nor optimizer"
+        h = _positive_scalar("lr", lr, dtype)
+        return _trajectory_core(problem, b, jnp.broadcast_to(h, b.shape))
+    opt = as_optimizer(optimizer, lr)
+    opt.step_sizes(b.shape[0])  # a ValueError naming lr when the schedule's length is wrong
+    opt = jax.tree_util.tree_map(lambda v: jnp.asarray(v, dtype), opt)
+    return _momentum_core(problem, b, opt)
+
+
+def exact_loss_trajectory(
+    problem: AbstractProblem,
+    batch_sizes: Float[Array, " steps"],
+    *,
+    lr: ScalarLike | None = None,
+    optimizer: AbstractOptimizer | None = None,
+) -> Float[Array, " steps+1"]:
+    """Exact ``E f(x_k)``, ``k = 0..K``, of minibatch SGD on a quadratic problem (theory 5.2, 5.3),
+    optionally with heavy-ball or Nesterov momentum and a learning-rate schedule (theory 7, 8).
+
+    With ``lr=h``: plain SGD, ``x_{k+1} = x_k - h g_k``; ``mu_k = E v_k`` and ``M_k = E v_k v_k^T``
+    propagate exactly with ``Cov[g_k | x_k] = w(b_k) Sigma(x_k)``, where ``w`` is
+    ``problem.noise_weight`` (``1/b``, or ``(n-b)/(b(n-1))`` without replacement).
+
+    With ``optimizer=js.SGD(lr, momentum=mu, nesterov=...)``: the trace form of optax/PyTorch,
+    ``t_{k+1} = g_k + mu t_k``, ``x_{k+1} = x_k - s_k t_{k+1}`` (Nesterov
+    ``x_{k+1} = x_k - s_k (g_k + mu t_{k+1})``), ``t_0 = 0``, with ``s_k`` the per-step rates
+    (``lr`` a scalar or a ``(K,)`` schedule); the first two moments of the augmented state
+    ``(v, t)`` propagate exactly (theory 7). Momentum 0 gives plain SGD with the same rates.
+
+    Real-valued batch sizes are allowed and the result is differentiable in them, in the rates and
+    in the momentum; ``b = inf`` means an exact gradient.
 
     Args:
-        problem: a ``GaussianLinearRegression`` or ``LinearRegressionData``.
+        problem: a ``GaussianLinearRegression``, ``DiagonalGaussianRegression`` or
+            ``LinearRegressionData``.
         batch_sizes: ``(K,)`` positive batch sizes ``b_k`` (real or integer; ``+inf`` allowed).
-        lr: learning rate ``h > 0``.
+        lr: learning rate ``h > 0`` (plain SGD); give this or ``optimizer``.
+        optimizer: a ``js.SGD`` (momentum, Nesterov, lr schedule of length ``K``).
 
     Returns:
         ``(K + 1,)`` array of ``E f(x_k)`` in the problem's dtype.
 
     Raises:
-        ValueError: ``problem`` not one of the two quadratic problems; ``lr <= 0``; ``batch_sizes``
-            not 1-D, empty, NaN or with entries ``<= 0`` (or ``> n`` without replacement). Value
-            checks run on concrete inputs; under tracing ``eqx.error_if`` guards them.
+        ValueError: ``problem`` not quadratic; neither or both of ``lr`` and ``optimizer``;
+            ``lr <= 0``; an lr schedule whose length is not ``K``; ``batch_sizes`` not 1-D, empty,
+            NaN or with entries ``<= 0`` (or ``> n`` without replacement). Value checks run on
+            concrete inputs; under tracing ``eqx.error_if`` guards the rates, the momentum and
+            the batch sizes.
     """
     _check_quadratic(problem)
     b = _batch_sizes(problem, batch_sizes)
-    h = _positive_scalar("lr", lr, _dtype(problem))
-    return _trajectory_core(problem, b, h)
+    return _run(problem, b, lr, optimizer)
 
 
 def exact_expected_loss(
-    problem: AbstractProblem, batch_sizes: Float[Array, " steps"], *, lr: ScalarLike
+    problem: AbstractProblem,
+    batch_sizes: Float[Array, " steps"],
+    *,
+    lr: ScalarLike | None = None,
+    optimizer: AbstractOptimizer | None = None,
 ) -> Scalar:
-    """Exact ``E f(x_K)`` after ``K = len(batch_sizes)`` SGD steps (theory 5.2, 5.3).
+    """Exact ``E f(x_K)`` after ``K = len(batch_sizes)`` steps (theory 5.2, 5.3, 7).
 
     See ``exact_loss_trajectory`` for arguments and errors; this returns its last entry.
     """
-    return exact_loss_trajectory(problem, batch_sizes, lr=lr)[-1]
+    return exact_loss_trajectory(problem, batch_sizes, lr=lr, optimizer=optimizer)[-1]
 
 
-def exact_gd_loss(problem: AbstractProblem, *, lr: ScalarLike, steps: int) -> Scalar:
-    """``f(x_K)`` of plain gradient descent (every ``b_k = inf``, so ``w_k = 0``) on a quadratic
-    problem, through the same exact recursion as ``exact_expected_loss``.
+def exact_gd_loss(
+    problem: AbstractProblem,
+    *,
+    lr: ScalarLike | None = None,
+    optimizer: AbstractOptimizer | None = None,
+    steps: int,
+) -> Scalar:
+    """``f(x_K)`` of full-batch gradient descent (every ``b_k = inf``, so ``w_k = 0``) on a
+    quadratic problem, through the same exact recursion as ``exact_expected_loss`` (with momentum
+    and an lr schedule when ``optimizer`` is given).
 
     Args:
-        problem: a ``GaussianLinearRegression`` or ``LinearRegressionData``.
-        lr: learning rate ``h > 0``.
+        problem: a quadratic problem (see ``exact_loss_trajectory``).
+        lr: learning rate ``h > 0`` (plain gradient descent); give this or ``optimizer``.
+        optimizer: a ``js.SGD``.
         steps: number of steps ``K >= 1`` (a Python int).
 
     Raises:
-        ValueError: naming ``problem``, ``lr`` or ``steps``.
+        ValueError: naming ``problem``, ``lr``, ``optimizer`` or ``steps``.
     """
     _check_quadratic(problem)
     k = _steps(steps, minimum=1)
-    h = _positive_scalar("lr", lr, _dtype(problem))
     b = jnp.full((k,), jnp.inf, dtype=_dtype(problem))
-    return _trajectory_core(problem, b, h)[-1]
+    return _run(problem, b, lr, optimizer)[-1]
 
 
 # ------------------------------------------------------------------------------------------------
