@@ -16,7 +16,7 @@ import pytest
 
 import jaxsched as js
 from jaxsched._expansion import eigen as _eigen
-from jaxsched._sweep import core as _sweep
+from jaxsched._sweep import core as _core, driver as _driver
 from jaxsched.cli import sweep as _sweep_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -41,12 +41,40 @@ GOOD = {"lr": [0.05, 0.1, 0.1, 0.05, 0.1, 0.2, 0.1, 0.05],
         "noise_var": [0.1, 1.0, 0.0, 0.5, 0.3, 0.2, 2.0, 0.7]}
 
 
+def count_traces(mp: pytest.MonkeyPatch) -> list:
+    """Record one entry per trace of the sweep core: the per-configuration function is traced once
+    per compilation (vmap and lax.map trace their body once)."""
+    calls = []
+    original = _core._one_config
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    mp.setattr(_core, "_one_config", counting)
+    return calls
+
+
+def count_chunks(mp: pytest.MonkeyPatch) -> list:
+    """Record the configuration indices of every chunk computation."""
+    calls = []
+    original = _driver._run_chunk
+
+    def counting(shared, builder, cols, params, members, *args):
+        calls.append(tuple(int(i) for i in members))
+        return original(shared, builder, cols, params, members, *args)
+
+    mp.setattr(_driver, "_run_chunk", counting)
+    return calls
+
+
 @pytest.fixture(scope="module")
 def dense_sweep():
-    before = _sweep.TRACE_COUNTS["sweep"]
-    result = js.sweep(gaussian, js.configurations(**GOOD), steps=STEPS, path="dense",
-                      chunk_size=4, progress=False)
-    return result, _sweep.TRACE_COUNTS["sweep"] - before
+    with pytest.MonkeyPatch.context() as mp:
+        traces = count_traces(mp)
+        result = js.sweep(gaussian, js.configurations(**GOOD), steps=STEPS, path="dense",
+                          chunk_size=4, progress=False)
+    return result, len(traces)
 
 
 def test_sweep_equals_loop_of_optimal_schedule(dense_sweep):
@@ -80,15 +108,20 @@ def test_failing_configurations_are_reported_and_the_rest_intact(dense_sweep):
         1: ("samples", 10, js.SweepStatus.INFEASIBLE_BUDGET, "samples 10 < steps * min_batch"),
         3: ("lr", -1.0, js.SweepStatus.INVALID_LR, "lr"),
         4: ("noise_var", np.nan, js.SweepStatus.INVALID_PARAMETER, "noise_var"),
-        # T = 2e6: the explicit solver needs millions of steps -> max_steps reached, throw=False.
+        # lr x lam_max = 2.3 >= 2 (lam_max = 1.15 for COV): gradient descent diverges, whatever
+        # the schedule; the first-order numbers are finite and must not be reported.
+        5: ("lr", 2.0, js.SweepStatus.GD_DIVERGES, "gradient descent diverges"),
+        # T = 2e6: the explicit solver needs millions of steps -> max_steps reached, throw=False
+        # (a solver failure is reported before the divergence of gradient descent).
         6: ("lr", 1e5, js.SweepStatus.SOLVER_FAILED, "maximum number of solver steps"),
     }
     for i, (key, value, _, _) in bad.items():
         cfg[key][i] = value
-    before = _sweep.TRACE_COUNTS["sweep"]
-    result = js.sweep(gaussian, js.configurations(**cfg), steps=STEPS, path="dense",
-                      chunk_size=4, progress=False)
-    assert _sweep.TRACE_COUNTS["sweep"] == before  # same shapes: no recompilation
+    with pytest.MonkeyPatch.context() as mp:
+        traces = count_traces(mp)
+        result = js.sweep(gaussian, js.configurations(**cfg), steps=STEPS, path="dense",
+                          chunk_size=4, progress=False)
+    assert not traces  # same shapes: no recompilation
     for i in range(len(result)):
         if i in bad:
             _, _, status, text = bad[i]
@@ -109,11 +142,12 @@ def test_eigen_path_failure_inside_the_core(spectral_reference):
     # and makes phi non-finite inside the core. Same builder and chunk size as the fixture: no
     # recompilation.
     reference, _ = spectral_reference
-    before = _sweep.TRACE_COUNTS["sweep"]
-    cfg = js.configurations(lr=[0.1, 0.1], samples=[40, 40], decay=[0.5, -800.0],
-                            noise_var=[0.0, 0.1])
-    result = js.sweep(spectral, cfg, steps=STEPS, chunk_size=5, progress=False)
-    assert _sweep.TRACE_COUNTS["sweep"] == before
+    cfg = js.configurations(lr=[0.1, 0.1, 0.1, 0.1, 0.1], samples=[40] * 5,
+                            decay=[0.5, -800.0, 0.5, 0.5, 0.5], noise_var=[0.0, 0.1, 0.1, 0.1, 0.1])
+    with pytest.MonkeyPatch.context() as mp:
+        traces = count_traces(mp)
+        result = js.sweep(spectral, cfg, steps=STEPS, chunk_size=5, progress=False)
+    assert not traces
     assert result.ok[0]
     np.testing.assert_array_equal(result.batch_sizes[0], reference.batch_sizes[0])
     assert result.status[1] == js.SweepStatus.NONFINITE_SENSITIVITY
@@ -196,8 +230,9 @@ def spectral_reference(tmp_path_factory):
     return result, folder
 
 
-def test_interrupted_sweep_resumes_without_recomputing(tmp_path, spectral_reference):
+def test_interrupted_sweep_resumes_without_recomputing(tmp_path, spectral_reference, monkeypatch):
     reference, _ = spectral_reference
+    computed = count_chunks(monkeypatch)
     cfg = js.grid(**SPECTRAL_GRID)  # 24 configurations in 5 chunks
     calls = []
 
@@ -211,17 +246,18 @@ def test_interrupted_sweep_resumes_without_recomputing(tmp_path, spectral_refere
                  progress=False, callback=stop_after_two)
     partial = js.load_sweep(tmp_path)
     assert (partial.status == -1).sum() == 24 - 10  # two chunks of 5 on disk
-    assert not list(tmp_path.glob(".tmp-*"))  # atomic writes leave no temporary files
+    assert not list(tmp_path.glob(".*"))  # atomic writes leave no temporary files
     js.sweep(spectral, cfg, steps=STEPS, chunk_size=5, results_dir=tmp_path, progress=False,
              callback=lambda *a: calls.append(a[0]))
     chunks = sorted(tmp_path.glob("chunk-*.npz"))
     assert len(chunks) == 5 and len(calls) == 5
     # Every chunk computed exactly once over both runs.
-    assert all(_sweep.CHUNK_COUNTS[str(c)] == 1 for c in chunks)
+    on_disk = sorted(tuple(np.load(c)["index"].tolist()) for c in chunks)
+    assert sorted(computed) == on_disk
     # A third run finds everything on disk and computes nothing.
     again = js.sweep(spectral, cfg, steps=STEPS, chunk_size=5, results_dir=tmp_path,
                      progress=False)
-    assert all(_sweep.CHUNK_COUNTS[str(c)] == 1 for c in chunks)
+    assert sorted(computed) == on_disk
     loaded = js.load_sweep(tmp_path)
     for res in (again, loaded):
         np.testing.assert_array_equal(res.status, reference.status)

@@ -1,0 +1,364 @@
+"""The sweep driver: configurations grouped by horizon, chunks padded to one size per horizon, the
+sharded core per chunk, and a results folder that makes a sweep resumable.
+
+With ``results_dir`` every finished chunk is written atomically (:func:`jaxsched._misc.atomic_write`)
+with its configuration indices; a rerun reads the finished chunks and computes only the missing ones
+(an unreadable chunk counts as missing). The folder also holds the configurations
+(``configs.npz``), a manifest with the sweep's fingerprint, and at the end ``results.npz`` and
+``results.csv``. The fingerprint covers every setting, every configuration column and every leaf of
+the problem (values, dtypes, shapes; for a builder, its traced program and the constants it closes
+over), so a folder is never silently reused for another sweep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from .._misc import atomic_write, check_steps
+from . import core
+from .configs import Configurations, as_configurations, host_checks, problem_params
+from .results import SweepResult, assemble, load_chunk
+
+__all__ = ["sweep"]
+
+_FORMAT_VERSION = 2
+_DEFAULT_CHUNK = 1024
+_OUTPUT_FILES = ("results.npz", "results.csv", "configs.npz", "manifest.json")
+
+
+def sweep(
+    problem,
+    configs,
+    *,
+    steps: int | None = None,
+    path: str = "auto",
+    exact: bool | None = None,
+    chunk_size: int | None = None,
+    results_dir=None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    devices=None,
+    nodes: int = 8,
+    rtol=None,
+    atol=None,
+    solver=None,
+    max_steps: int | None = None,
+    callback: Callable[[str, int, int], None] | None = None,
+) -> SweepResult:
+    """Optimal schedules over a grid or list of configurations: one compiled call per horizon,
+    sharded over all devices, in chunks that resume from disk.
+
+    Each configuration has ``lr`` and ``samples`` (required), ``min_batch`` (default 1),
+    ``max_batch`` (default unbounded, ``inf``), ``steps`` (or the ``steps`` argument) and problem
+    parameters (every other column) for the builder. Configurations are grouped by ``steps`` (a
+    shape): one trace per distinct value; within a group all chunks have one padded size, no larger
+    than the group.
+
+    Args:
+        problem: a problem shared by all configurations, or ``builder(**params) -> problem``
+            called on each configuration's parameters (inside the trace: use ``jnp`` and keep the
+            same function object to avoid recompiling).
+        configs: :func:`grid`, :func:`configurations` or a mapping of equal-length columns.
+        steps: default number of steps when ``configs`` has no ``steps`` column.
+        path, exact, nodes, rtol, atol, solver, max_steps: see :func:`sweep_core`.
+        chunk_size: configurations per chunk (default: one chunk per horizon, or at most 1024
+            with ``results_dir``). Chunk membership does not depend on the device count, so a
+            sweep can resume on another machine.
+        results_dir: folder for resumable results (created if missing). It must be empty or hold
+            the same sweep (same configurations, settings and problem, by fingerprint).
+        overwrite: with ``results_dir`` holding another sweep, remove its files and start again
+            instead of refusing.
+        progress: show a tqdm progress bar (default: when there is more than one chunk).
+        devices: devices of the mesh (default all of ``jax.devices()``).
+        callback: called as ``callback(chunk_name, done, total)`` after each finished chunk.
+
+    Returns:
+        A :class:`SweepResult`; also written to ``results_dir`` as ``results.npz`` and
+        ``results.csv``.
+
+    Raises:
+        ValueError: naming the argument, for missing ``lr``/``samples``/``steps``, bad
+            ``chunk_size``, a problem/builder mismatch, a ``results_dir`` holding another sweep
+            (naming the folder and what changed) or an unreadable manifest (naming the file).
+    """
+    cfg = as_configurations(configs)
+    shared, builder = core.split_problem(problem)
+    cols = _complete_columns(cfg, steps)
+    cfg = Configurations(cols, cfg.axes, cfg.coords)  # completed columns are what is stored
+    n = len(cfg)
+    params = problem_params(cols)
+    if shared is not None and params:
+        raise ValueError(
+            f"configs: parameters {sorted(params)} need a problem builder (a callable), got a "
+            "fixed problem"
+        )
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
+        or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size: must be a Python int >= 1, got {chunk_size!r}")
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"overwrite: must be a bool, got {overwrite!r}")
+    if chunk_size is None and results_dir is not None:
+        chunk_size = _DEFAULT_CHUNK
+
+    host_status, host_detail = host_checks(cols, params)
+    valid = np.flatnonzero(host_status == 0)
+    probe = core.probe_problem(shared, builder, params)
+    mesh = core.mesh_of(devices)
+    step_values = cols["steps"]
+    groups = list(dict.fromkeys(int(k) for k in step_values))  # first-appearance order
+    settings_by_steps = {
+        K: core.settings_for(probe, steps=K, path=path, exact=exact, nodes=nodes, rtol=rtol,
+                             atol=atol, solver=solver, max_steps=max_steps)
+        for K in groups
+    }
+    first, rtol0, atol0 = settings_by_steps[groups[0]]
+    key = {"version": _FORMAT_VERSION, "path": first.path, "exact": first.exact,
+           "nodes": first.nodes, "chunk_size": chunk_size,
+           "max_steps": None if max_steps is None else int(max_steps),
+           "rtol": float(rtol0), "atol": float(atol0), "solver": repr(first.solver)}
+
+    layout = _layout(groups, step_values, chunk_size)
+    folder = None
+    finished: dict[str, dict[str, np.ndarray]] = {}
+    if results_dir is not None:
+        folder = os.fspath(results_dir)
+        os.makedirs(folder, exist_ok=True)
+        parts = _fingerprint_parts(shared, builder, params, cfg, key)
+        _prepare_folder(folder, parts, cfg, key, overwrite)
+        for _, name, members, _ in layout:
+            data = load_chunk(os.path.join(folder, name), members)
+            if data is not None:
+                finished[name] = data
+
+    show = progress if progress is not None else len(layout) > 1
+    bar = None
+    if show:
+        from tqdm.auto import tqdm
+
+        done0 = sum(len(d["index"]) for d in finished.values())
+        bar = tqdm(total=n, initial=done0, unit="config", desc="sweep")
+    try:
+        done = len(finished)
+        for K, name, members, size in layout:
+            if name in finished:
+                continue
+            data = _run_chunk(shared, builder, cols, params, members, size, valid, mesh,
+                              settings_by_steps[K])
+            if folder is not None:
+                atomic_write(os.path.join(folder, name), lambda f, d=data: np.savez(f, **d))
+            finished[name] = data
+            done += 1
+            if bar is not None:
+                bar.update(len(members))
+            if callback is not None:
+                callback(name, done, len(layout))
+    finally:
+        if bar is not None:
+            bar.close()
+
+    result = assemble(cfg, cols, layout, finished, host_status, host_detail)
+    if folder is not None:
+        result.save(os.path.join(folder, "results.npz"))
+        result.to_csv(os.path.join(folder, "results.csv"))
+    return result
+
+
+def _complete_columns(cfg: Configurations, steps) -> dict[str, np.ndarray]:
+    """The columns with ``steps``, ``min_batch`` and ``max_batch`` filled in (and checked)."""
+    cols = dict(cfg.columns)
+    for name in ("lr", "samples"):
+        if name not in cols:
+            raise ValueError(f"configs: missing the column {name!r}")
+    n = len(cfg)
+    for name in ("lr", "samples", "min_batch", "max_batch", "steps"):
+        if name in cols and cols[name].ndim != 1:
+            raise ValueError(f"configs: {name!r} must hold scalars, got shape {cols[name].shape}")
+    if "steps" not in cols:
+        if steps is None:
+            raise ValueError("steps: give steps=... or a 'steps' column in configs")
+        cols["steps"] = np.full(n, float(check_steps(steps)))
+    cols.setdefault("min_batch", np.ones(n))
+    cols.setdefault("max_batch", np.full(n, np.inf))
+    step_values = cols["steps"]
+    if not np.all((step_values == np.round(step_values)) & (step_values >= 1)):
+        raise ValueError("configs: 'steps' must hold integers >= 1")
+    return cols
+
+
+def _layout(groups, step_values, chunk_size):
+    """``(steps, file name, member indices, padded size)`` per chunk: per horizon, consecutive
+    configuration indices. All chunks of a horizon share one size (one trace), which is never
+    larger than the horizon's number of configurations."""
+    layout = []
+    for K in groups:
+        members = np.flatnonzero(step_values == K)
+        size = len(members) if chunk_size is None else min(chunk_size, len(members))
+        for j, start in enumerate(range(0, len(members), size)):
+            layout.append((K, f"chunk-s{K}-{j:05d}.npz", members[start:start + size], size))
+    return layout
+
+
+# ------------------------------------------------------------------------------------------------
+# fingerprint and folder
+
+
+def _digest(*items) -> str:
+    h = hashlib.sha256()
+    for item in items:
+        if isinstance(item, np.ndarray):
+            h.update(f"{item.dtype.str}{item.shape}".encode())
+            h.update(np.ascontiguousarray(item).tobytes())
+        else:
+            h.update(str(item).encode())
+    return h.hexdigest()[:16]
+
+
+def _leaf_parts(prefix: str, tree) -> dict[str, str]:
+    """A digest per leaf (value, dtype and shape; ``str`` of non-array leaves) and one of the
+    structure, which holds the static fields (e.g. ``replace``)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    out = {f"{prefix} structure": _digest(str(treedef))}
+    for path, leaf in leaves:
+        value = np.asarray(leaf) if eqx.is_array_like(leaf) else leaf
+        out[f"{prefix}{jax.tree_util.keystr(path)}"] = _digest(type(leaf).__name__, value)
+    return out
+
+
+def _fingerprint_parts(shared, builder, params, cfg: Configurations, key: dict) -> dict[str, str]:
+    """Named digests of everything a sweep's results depend on (see the module docstring)."""
+    parts = {f"setting {k}": json.dumps(v) for k, v in sorted(key.items())}
+    for group, table in (("column", cfg.columns), ("axis", cfg.axes or {}),
+                         ("coordinate", cfg.coords or {})):
+        for k, v in sorted(table.items()):
+            parts[f"configs {group} {k!r}"] = _digest(np.asarray(v))
+    if shared is not None:
+        parts.update(_leaf_parts("problem", shared))
+        return parts
+    # A builder: its traced program (operations, literals, output structure) and every constant it
+    # closes over (a data set, a spectrum), plus the named leaves of the first configuration's
+    # problem for readable messages.
+    first = {k: jnp.asarray(v[0]) for k, v in params.items()}
+    closed, shape = jax.make_jaxpr(lambda p: builder(**p), return_shape=True)(first)
+    parts["problem builder program"] = _digest(str(closed.jaxpr),
+                                               str(jax.tree_util.tree_structure(shape)))
+    for i, c in enumerate(closed.consts):
+        parts[f"problem builder constant #{i}"] = _digest(np.asarray(c))
+    parts.update(_leaf_parts("problem (first configuration)", builder(**first)))
+    return parts
+
+
+def _changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    names = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    out = []
+    for k in names:
+        if k.startswith("setting ") and k in old and k in new:
+            out.append(f"{k}: {old[k]} -> {new[k]}")
+        else:
+            out.append(k)
+    return out
+
+
+def _read_manifest(path: str) -> dict:
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"results_dir: {path} is not a readable manifest ({e}); remove the folder or pass "
+            "overwrite=True (--overwrite)"
+        ) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("fingerprint"), str):
+        raise ValueError(
+            f"results_dir: {path} is not a sweep manifest (no fingerprint); remove the folder or "
+            "pass overwrite=True (--overwrite)"
+        )
+    return manifest
+
+
+def _clear(folder: str) -> None:
+    """Remove the files of an earlier sweep (and only those) from ``folder``."""
+    for name in os.listdir(folder):
+        if name in _OUTPUT_FILES or (name.startswith("chunk-") and name.endswith(".npz")):
+            os.remove(os.path.join(folder, name))
+
+
+def _prepare_folder(folder: str, parts: dict[str, str], cfg: Configurations, key: dict,
+                    overwrite: bool) -> None:
+    fingerprint = _digest(json.dumps(parts, sort_keys=True))
+    manifest_path = os.path.join(folder, "manifest.json")
+    if os.path.exists(manifest_path):
+        try:
+            manifest = _read_manifest(manifest_path)
+        except ValueError:
+            if not overwrite:
+                raise
+            manifest = {"fingerprint": None}
+        if manifest["fingerprint"] == fingerprint:
+            return
+        if not overwrite:
+            old = manifest.get("parts")
+            what = ("it was written by an earlier version of jaxsched" if not isinstance(old, dict)
+                    else "changed: " + "; ".join(_changes(old, parts)[:6]))
+            raise ValueError(
+                f"results_dir: {folder!r} holds a different sweep ({what}); use a new folder or "
+                "pass overwrite=True (--overwrite)"
+            )
+        _clear(folder)
+    stray = [x for x in os.listdir(folder) if x.startswith("chunk-")]
+    if stray and not overwrite:
+        raise ValueError(f"results_dir: {folder!r} holds chunks but no manifest; use a new folder")
+    if overwrite:
+        _clear(folder)
+    arrays = {f"config_{k}": v for k, v in cfg.columns.items()}
+    if cfg.axes is not None:
+        arrays.update({f"axis_{k}": v for k, v in cfg.axes.items()})
+        arrays.update({f"coord_{k}": v for k, v in cfg.coords.items()})
+    atomic_write(os.path.join(folder, "configs.npz"), lambda f: np.savez(f, **arrays))
+    manifest = {"fingerprint": fingerprint, "parts": parts, "settings": key, "n": len(cfg)}
+    text = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    atomic_write(manifest_path, lambda f: f.write(text))
+
+
+# ------------------------------------------------------------------------------------------------
+# one chunk
+
+
+def _run_chunk(shared, builder, cols, params, members, size, valid, mesh, settings_triple):
+    """Compute one chunk: pad to one size per horizon (a multiple of the device count), replace
+    host-rejected rows by a valid configuration, call the sharded core, keep the real rows."""
+    settings, rtol, atol = settings_triple
+    ndev = mesh.size
+    padded = -(-size // ndev) * ndev
+    rows = np.asarray(members)
+    ok_rows = np.isin(rows, valid)
+    n_real = len(rows)
+    out: dict[str, np.ndarray] = {"index": rows}
+    if not np.any(ok_rows):
+        return out  # every row failed on the host: nothing to compute
+    safe = rows[ok_rows][0]
+    take = np.where(ok_rows, rows, safe)
+    take = np.concatenate([take, np.full(padded - n_real, safe, take.dtype)])
+    batch = {
+        "lr": cols["lr"][take], "samples": cols["samples"][take],
+        "min_batch": cols["min_batch"][take], "max_batch": cols["max_batch"][take],
+        "params": {k: v[take] for k, v in params.items()},
+    }
+    batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(core.AXIS)))
+    res = core._sharded_core(builder, shared, batch, rtol, atol, settings, mesh)
+    for f in dataclasses.fields(res):
+        v = getattr(res, f.name)
+        if v is not None:
+            out[f.name] = np.asarray(v)[:n_real]
+    return out
