@@ -33,6 +33,26 @@ class AbstractOptimizer(eqx.Module):
         """The ``(steps,)`` learning rates ``s_k`` of the run."""
         raise NotImplementedError
 
+    @property
+    def lag(self) -> Array:
+        """Mean age ``L`` of the gradients in the update (0 without momentum)."""
+        raise NotImplementedError
+
+    @property
+    def constant_lr(self) -> bool:
+        """True when every step has the same learning rate (a static fact: it fixes the solver's
+        jump times)."""
+        raise NotImplementedError
+
+    @property
+    def time_scale(self) -> Array:
+        """Intrinsic time advanced per unit of learning rate (``1/(1-mu)`` with momentum)."""
+        raise NotImplementedError
+
+    def astype(self, dtype) -> AbstractOptimizer:
+        """The same optimizer with every floating leaf cast to ``dtype``."""
+        return jax.tree_util.tree_map(lambda v: jnp.asarray(v, dtype), self)
+
 
 def _as_float_leaf(name: str, value, dtype=None) -> Array:
     try:

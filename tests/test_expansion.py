@@ -8,6 +8,8 @@ import pytest
 from scipy.integrate import quad
 
 import jaxsched as js
+from jaxsched._expansion import adjoint as _adjoint
+from jaxsched._expansion import eigen as _eigen
 from jaxsched._expansion import moments as _expansion
 from jaxsched.datasets import diabetes_problem
 
@@ -134,7 +136,7 @@ def test_order_h_squared(which):
     assert 1.8 <= slope <= 2.2, (slope, errs)
 
 
-def test_vmap_over_noise_and_lr_equals_loop_and_one_trace():
+def test_vmap_over_noise_and_lr_equals_loop_and_one_trace(trace_counter):
     base = random_gaussian(3, 11)
     steps = 50
     b = jnp.linspace(2.0, 10.0, steps)
@@ -148,24 +150,31 @@ def test_vmap_over_noise_and_lr_equals_loop_and_one_trace():
 
     loss_v, phi_v = jax.vmap(one)(noises, lrs)
     one(noises[0], lrs[0])  # warm the unbatched traces
-    before = dict(_expansion.TRACE_COUNTS)
+    watch, counts = trace_counter
+    watch(_expansion, "_moment_field")
+    watch(_eigen, "eigen_parts")
     loop = [one(s, h) for s, h in zip(noises, lrs)]
-    assert dict(_expansion.TRACE_COUNTS) == before  # no retrace when only values change
+    assert counts == {}  # no retrace when only values change
     np.testing.assert_allclose(loss_v, [lv for lv, _ in loop], rtol=1e-12)
     np.testing.assert_allclose(phi_v, np.stack([pv for _, pv in loop]), rtol=1e-10)
 
 
-def test_one_trace_per_entry_point():
+def test_one_trace_per_entry_point(trace_counter):
     p = random_gaussian(3, 5)
     b = jnp.full(50, 3.0)
     js.expected_loss(p, b, lr=0.1)
-    js.sensitivity(p, lr=0.1, steps=50)
-    before = dict(_expansion.TRACE_COUNTS)
+    js.sensitivity(p, lr=0.1, steps=50, method="dense")
+    js.sensitivity(p, lr=0.1, steps=50, method="eigen")
+    watch, counts = trace_counter
+    watch(_expansion, "_moment_field")
+    watch(_adjoint, "first_order_solves")
+    watch(_eigen, "eigen_parts")
     for h, s2 in [(0.05, 0.1), (0.2, 1.0), (0.01, 0.0)]:
         q = js.GaussianLinearRegression(p.cov * 2, p.x_star, p.x0 + 1, s2)
         js.expected_loss(q, b * 2, lr=h)
-        js.sensitivity(q, lr=h, steps=50)
-    assert dict(_expansion.TRACE_COUNTS) == before
+        js.sensitivity(q, lr=h, steps=50, method="dense")
+        js.sensitivity(q, lr=h, steps=50, method="eigen")
+    assert counts == {}
 
 
 def test_bad_inputs_name_the_argument():

@@ -89,16 +89,30 @@ def _check_budget(
     *,
     integer: bool,
     zero_min_ok: bool = False,
+    batch_cap: int | None = None,
 ) -> tuple[Array, Array, Array]:
-    """Validate ``samples``, ``min_batch``, ``max_batch`` and return them as 0-d arrays.
+    """Validate ``samples``, ``min_batch``, ``max_batch`` and return them as 0-d arrays: the one
+    home of the budget rule ``steps * min_batch <= samples <= steps * max_batch``.
 
     ``max_batch=None`` becomes ``samples``: the constraint ``b_k <= samples`` is implied by the
-    budget, so the result is the unbounded one. Value checks run when the values are concrete;
-    under a trace the cores guard feasibility with ``eqx.error_if``.
+    budget, so the result is the unbounded one. ``batch_cap`` (the problem's ``batch_cap()``, e.g.
+    ``n`` for a data set sampled without replacement) caps ``max_batch``; a budget above
+    ``steps * batch_cap`` is refused naming ``samples``. Value checks run when the values are
+    concrete; under a trace the cores guard feasibility with ``eqx.error_if``.
     """
     n = _check_scalar("samples", samples, integer=integer)
     lo = _check_scalar("min_batch", min_batch, integer=integer)
     hi = n if max_batch is None else _check_scalar("max_batch", max_batch, integer=integer)
+    if batch_cap is not None:
+        if not _is_tracer(n) and float(n) > steps * batch_cap:
+            raise ValueError(
+                f"samples: must be <= steps * n = {steps * batch_cap:g} when sampling without "
+                f"replacement from n = {batch_cap} examples (each batch is at most n), got {float(n):g}")
+        if not _is_tracer(lo) and float(lo) > batch_cap:
+            raise ValueError(f"min_batch: must be <= n = {batch_cap} when sampling without replacement, "
+                             f"got {float(lo):g}")
+        hi = jnp.minimum(hi, jnp.asarray(batch_cap, hi.dtype))
+        max_batch = hi if max_batch is None else max_batch
     if not _is_tracer(lo):
         lo_v = float(lo)
         if integer and lo_v < 1:

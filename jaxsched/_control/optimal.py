@@ -1,22 +1,43 @@
-"""Optimal batch schedules (theory 4): closed form from ``phi``, gradient descent (optax) through the
-diffrax-integrated expected loss, and gradient descent through the exact discrete recursion."""
+"""Optimal batch schedules (docs/theory.md §4, §7, §8): the closed form from ``phi`` (square-root
+rule, bounds, exact integer optimum), L-BFGS (optimistix) through the diffrax-integrated expected
+loss, and L-BFGS through the exact discrete recursion (quadratic problems).
+
+The control method is an object (``ClosedForm()``, ``FirstOrderGradient()``, ``ExactDiscrete()``;
+the strings ``"closed_form"``, ``"gradient"``, ``"exact"`` are aliases), the sensitivity too
+(``sensitivity=js.Eigenbasis()`` etc., default ``"auto"``).
+"""
 
 from __future__ import annotations
 
-import functools
+import abc
+import inspect
+from typing import ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+import optimistix as optx
 
-from .._expansion import moments as ex
-from .._misc import _is_concrete
+from .._expansion import _common as cm
+from .._expansion.moments import _expansion_core
+from .._expansion.sensitivity import (
+    FirstOrderParts,
+    as_method,
+    first_order_parts,
+    noise_objective,
+    predicted_loss_from_parts,
+)
+from .._misc import _is_concrete, check_steps
+from .._problem.base import check_problem
+from .._solution import RESULTS
 from .._types import Array, Int, IntStepArray, Scalar, StepArray
-from . import allocation as alloc, free_form as sched
+from . import allocation as alloc
+from . import free_form as ff
+from .progress import NoProgress, ProgressMeter, TqdmProgress
 
-__all__ = ["OptimalSchedule", "optimal_schedule", "METHODS"]
+__all__ = ["AbstractControl", "ClosedForm", "ExactDiscrete", "FirstOrderGradient", "METHODS",
+           "OptimalSchedule", "optimal_schedule"]
 
 METHODS = ("closed_form", "gradient", "exact")
 
@@ -28,13 +49,19 @@ class OptimalSchedule(eqx.Module):
         batch_sizes: ``(steps,)`` integer batch sizes, ``sum == samples``, within the bounds.
         beta: ``(steps,)`` the real-valued optimum before rounding.
         predicted_loss: the expansion's ``E F(x_K)`` for ``batch_sizes``.
-        phi: ``(steps,)`` sensitivities ``phi_k`` (theory 4).
+        phi: ``(steps,)`` sensitivities ``phi_k`` (docs/theory.md §4; for an lr schedule the
+            effective ``(s_k / mean s) phi_k``).
         objective: ``sum_k phi_k w(b_k)`` for ``batch_sizes`` (the schedule-dependent part of J1).
         relaxed_objective: the same for ``beta``.
         constant_objective: the same for the constant real schedule ``samples / steps``.
-        base_loss: ``F(x_T)``; ``correction``: the drift-correction part of ``J1``.
+        base_loss: ``F(x_T)``; ``correction``: the schedule-independent part of ``J1``.
         iterations: optimiser iterations (0 for the closed form).
-        method: the method used.
+        objective_stderr: standard error of ``objective`` from a subsampled (matrix-free)
+            sensitivity (an upper bound: per-step errors added as if fully correlated); 0 when exact.
+        stability_floor: ``(steps,)`` the lower bound the schedule was clipped to (``min_batch``, or
+            twice the mean-square stability batch where the problem can compute it).
+        result: a :class:`jaxsched.RESULTS` code.
+        method: the control method's name.
     """
 
     batch_sizes: IntStepArray
@@ -47,6 +74,9 @@ class OptimalSchedule(eqx.Module):
     base_loss: Scalar
     correction: Scalar
     iterations: Int[Array, ""]
+    objective_stderr: Scalar
+    stability_floor: StepArray
+    result: RESULTS
     method: str = eqx.field(static=True)
 
     @property
@@ -55,146 +85,208 @@ class OptimalSchedule(eqx.Module):
         return self.constant_objective / self.objective
 
 
-def _inverse_b_coefficient(problem, dtype) -> Array:
-    # noise_weight(b) is affine in 1/b; its 1/b coefficient rescales phi for the allocation
-    # (1 with replacement, n/(n-1) without).
-    w1, w2 = problem.noise_weight(jnp.asarray([1.0, 2.0], dtype))
-    return 2.0 * (w1 - w2)
+class _Budget(eqx.Module):
+    samples: Scalar
+    lo: Scalar
+    hi: Scalar | None
+    floor: StepArray  # per-step lower bound (min_batch or the stability floor)
 
 
-# The live progress bar of an iterative solve (set by ``optimal_schedule(progress=True)``).
-_PROGRESS: dict = {"bar": None}
-
-
-def _tick(value):
-    bar = _PROGRESS["bar"]
-    if bar is not None:
-        bar.update(1)
-        bar.set_postfix(objective=f"{float(value):.6g}", refresh=False)
-
-
-def _lbfgs(objective, theta0, max_iter, gtol, progress, cheap_compile: bool):
-    """Minimise ``objective`` with optax's L-BFGS inside a ``while_loop``.
-
-    ``cheap_compile``: a backtracking line search, which needs only values, so the compiled program
-    holds one gradient of ``objective`` instead of two (used when ``objective`` is a diffrax solve
-    whose reverse mode is costly to compile); otherwise the zoom (strong Wolfe) line search, which
-    converges in fewer iterations.
-    """
-    if cheap_compile:
-        opt = optax.lbfgs(linesearch=optax.scale_by_backtracking_linesearch(max_backtracking_steps=40))
-        value_and_grad = jax.value_and_grad(objective)
-    else:
-        opt = optax.lbfgs()
-        value_and_grad = optax.value_and_grad_from_state(objective)
-
-    def cond(carry):
-        _, state, it, gnorm = carry
-        return (it < max_iter) & (gnorm > gtol)
-
-    def body(carry):
-        theta, state, it, _ = carry
-        value, grad = value_and_grad(theta) if cheap_compile else value_and_grad(theta, state=state)
-        updates, state = opt.update(
-            grad, state, theta, value=value, grad=grad, value_fn=objective
-        )
-        theta = optax.apply_updates(theta, updates)
-        # A traced flag, so runs with and without a progress bar share one compiled function.
-        jax.lax.cond(progress, lambda v: jax.debug.callback(_tick, v), lambda v: None, value)
-        return theta, state, it + 1, optax.tree_utils.tree_norm(grad)
-
-    init = (theta0, opt.init(theta0), jnp.asarray(0), jnp.asarray(jnp.inf, theta0.dtype))
-    theta, _, it, _ = jax.lax.while_loop(cond, body, init)
-    return theta, it
-
-
-def _finish(problem, parts, lr, beta, batch_sizes, samples, iterations, method):
+def _finish(problem, parts: FirstOrderParts, budget: _Budget, beta, batch_sizes, iterations, method,
+            result=RESULTS.successful) -> OptimalSchedule:
     steps = parts.phi.shape[0]
     dtype = parts.phi.dtype
-    constant = jnp.full(steps, samples / steps, dtype)
+    phi = parts.effective_phi
+    constant = jnp.full(steps, budget.samples / steps, dtype)
+    w = problem.noise_weight(jnp.asarray(batch_sizes, dtype))
     return OptimalSchedule(
         batch_sizes=batch_sizes,
         beta=beta,
-        predicted_loss=ex.predicted_loss_from_parts(problem, parts, batch_sizes, lr),
-        phi=parts.phi,
-        objective=ex.noise_objective(problem, parts.phi, batch_sizes),
-        relaxed_objective=ex.noise_objective(problem, parts.phi, beta),
-        constant_objective=ex.noise_objective(problem, parts.phi, constant),
+        predicted_loss=predicted_loss_from_parts(problem, parts, batch_sizes),
+        phi=phi,
+        objective=noise_objective(problem, phi, batch_sizes),
+        relaxed_objective=noise_objective(problem, phi, beta),
+        constant_objective=noise_objective(problem, phi, constant),
         base_loss=parts.base_loss,
         correction=parts.correction,
         iterations=jnp.asarray(iterations),
+        objective_stderr=jnp.sum(jnp.abs(w) * parts.phi_stderr * parts.step_sizes)
+        / jnp.mean(parts.step_sizes),
+        stability_floor=budget.floor,
+        result=RESULTS.where(parts.result == RESULTS.successful, result, parts.result),
         method=method,
     )
 
 
-def _first_order_allocation(problem, parts, samples, lo, hi):
-    phi_alloc = parts.phi * _inverse_b_coefficient(problem, parts.phi.dtype)
-    beta = alloc.relaxed_optimum(phi_alloc, samples, min_batch=lo, max_batch=hi)
-    b = alloc.integer_optimum(phi_alloc, samples, min_batch=lo, max_batch=hi)
+def _allocation_weights(problem, parts: FirstOrderParts) -> StepArray:
+    # noise_weight(b) is affine in 1/b; its 1/b coefficient rescales phi for the allocation
+    # (1 with replacement, n/(n-1) without).
+    return parts.effective_phi * problem.inverse_batch_coefficient()
+
+
+def _first_order_allocation(problem, parts, budget: _Budget):
+    phi_alloc = _allocation_weights(problem, parts)
+    beta = alloc.relaxed_optimum(phi_alloc, budget.samples, min_batch=budget.lo, max_batch=budget.hi)
+    b = alloc.integer_optimum(phi_alloc, budget.samples, min_batch=budget.lo, max_batch=budget.hi)
     return beta, b
 
 
-# The adjoint solve (``_expansion._first_order_core``) is its own jitted function, shared with
-# ``sensitivity``: each method's core below takes its result, so that expensive compile happens once
-# per problem shape, not once per entry point.
+def _lbfgs(objective, theta0, max_iter: int, gtol, meter: ProgressMeter):
+    """Minimise ``objective`` with optimistix's L-BFGS; returns ``(theta, iterations, result)``.
+    ``gtol`` is the tolerance of optimistix's Cauchy termination (relative and absolute, on the
+    objective's change and on the step)."""
+    solver = optx.LBFGS(rtol=gtol, atol=gtol, verbose=meter.callback)
+    sol = optx.minimise(lambda th, _: objective(th), solver, theta0, max_steps=max_iter, throw=False)
+    result = RESULTS.where(sol.result == optx.RESULTS.nonlinear_max_steps_reached,
+                           RESULTS.max_iterations_reached, RESULTS.promote(sol.result))
+    return sol.value, sol.stats["num_steps"], result
 
 
-@eqx.filter_jit
-def _closed_form_core(problem, parts, lr, samples, lo, hi):
-    ex.TRACE_COUNTS["optimal_closed_form"] += 1
-    beta, b = _first_order_allocation(problem, parts, samples, lo, hi)
-    return _finish(problem, parts, lr, beta, b, samples, 0, "closed_form")
+class AbstractControl(eqx.Module):
+    """A method that turns :class:`FirstOrderParts` into an :class:`OptimalSchedule`."""
+
+    name: ClassVar[str] = ""
+
+    def check(self, problem) -> None:
+        """Refuse, eagerly and naming the argument, a problem this method cannot optimise."""
+
+    def iteration_cap(self) -> int:
+        """The iteration cap of an iterative method (0 for a closed form)."""
+        return 0
+
+    @abc.abstractmethod
+    def solve(self, problem, parts, optimizer, budget, rtol, atol, solver, meter) -> OptimalSchedule:
+        """The optimal schedule (traced inside one jitted call)."""
 
 
-@eqx.filter_jit
-def _gradient_core(problem, parts, lr, samples, lo, hi, rtol, atol, solver, max_iter, gtol, progress):
-    ex.TRACE_COUNTS["optimal_gradient"] += 1
-    steps = parts.phi.shape[0]
+class ClosedForm(AbstractControl):
+    """The square-root rule ``b_k* = clip(sqrt(phi_k / nu), b_min, b_max)`` for ``beta`` and the
+    exact integer optimum of ``sum_k phi_k w(b_k)`` (threshold search plus marginal allocation)
+    for ``batch_sizes`` (docs/theory.md §4)."""
 
-    def noise_part(theta):
-        b = sched.free_form_batch_sizes(theta, samples, min_batch=lo, max_batch=hi)
-        return ex._expansion_core(problem, b, lr, rtol, atol, solver).j1_noise
+    name: ClassVar[str] = "closed_form"
 
-    theta0 = jnp.zeros(steps, parts.phi.dtype)  # the constant schedule (projected into the bounds)
-    # Normalise by the constant schedule's noise term (from phi: no extra solve to compile).
-    b0 = sched.free_form_batch_sizes(theta0, samples, min_batch=lo, max_batch=hi)
-    scale = jnp.abs(ex.noise_objective(problem, parts.phi, b0))
-    theta, it = _lbfgs(lambda th: noise_part(th) / scale, theta0, max_iter, gtol, progress, True)
-    beta = sched.free_form_batch_sizes(theta, samples, min_batch=lo, max_batch=hi)
-    # Integers: J1 is affine in 1/b, so the exact integer optimum of the first-order objective is
-    # defined by phi alone (the linearisation of J1 at beta is phi, to solver tolerance).
-    phi_alloc = parts.phi * _inverse_b_coefficient(problem, parts.phi.dtype)
-    b = alloc.integer_optimum(phi_alloc, samples, min_batch=lo, max_batch=hi)
-    return _finish(problem, parts, lr, beta, b, samples, it, "gradient")
+    def solve(self, problem, parts, optimizer, budget, rtol, atol, solver, meter):
+        beta, b = _first_order_allocation(problem, parts, budget)
+        return _finish(problem, parts, budget, beta, b, 0, self.name)
 
 
-@eqx.filter_jit
-def _exact_core(problem, parts, lr, samples, lo, hi, max_iter, gtol, progress):
+class FirstOrderGradient(AbstractControl):
+    """L-BFGS (optimistix) over a free-form schedule (one degree of freedom per step, budget and
+    bounds met by construction) through the diffrax-integrated moment system: reverse mode through
+    ``diffeqsolve``. Recovers the closed form; a cross-check of it.
+
+    Args:
+        max_iter: iteration cap; gtol: termination tolerance.
+    """
+
+    max_iter: int = eqx.field(static=True, default=200)
+    gtol: float = 1e-9
+    name: ClassVar[str] = "gradient"
+
+    def iteration_cap(self) -> int:
+        return self.max_iter
+
+    def solve(self, problem, parts, optimizer, budget, rtol, atol, solver, meter):
+        steps = parts.phi.shape[0]
+        units = cm.step_units(optimizer, steps, parts.phi.dtype)
+        s, lo, hi = budget.samples, budget.lo, budget.hi
+
+        def noise_part(theta):
+            b = ff.free_form_batch_sizes(theta, s, min_batch=lo, max_batch=hi)
+            return _expansion_core(problem, b, units, rtol, atol, solver, False).j1_noise
+
+        theta0 = jnp.zeros(steps, parts.phi.dtype)  # the constant schedule, projected into the bounds
+        # Normalise by the constant schedule's noise term (from phi: no extra solve to compile).
+        b0 = ff.free_form_batch_sizes(theta0, s, min_batch=lo, max_batch=hi)
+        scale = jnp.abs(noise_objective(problem, parts.effective_phi, b0))
+        theta, it, result = _lbfgs(lambda th: noise_part(th) / scale, theta0, self.max_iter,
+                                   jnp.asarray(self.gtol, theta0.dtype), meter)
+        beta = ff.free_form_batch_sizes(theta, s, min_batch=lo, max_batch=hi)
+        # Integers: J1 is affine in w(b), so the exact integer optimum of the first-order objective
+        # is defined by phi alone (the linearisation of J1 at beta is phi, to solver tolerance).
+        b = alloc.integer_optimum(_allocation_weights(problem, parts), s, min_batch=lo, max_batch=hi)
+        return _finish(problem, parts, budget, beta, b, it, self.name, result)
+
+
+def _exact_loss(problem, b, optimizer):
     from .._problem.exact import exact_expected_loss
 
-    ex.TRACE_COUNTS["optimal_exact"] += 1
-    steps = parts.phi.shape[0]
-    beta_fo, b_fo = _first_order_allocation(problem, parts, samples, lo, hi)
+    if "optimizer" in inspect.signature(exact_expected_loss).parameters:
+        return exact_expected_loss(problem, b, optimizer=optimizer)
+    return exact_expected_loss(problem, b, lr=optimizer.lr)
 
-    def loss(b):
-        return exact_expected_loss(problem, b, lr=lr)
 
-    theta0 = sched.free_form_init(beta_fo, samples, min_batch=lo, max_batch=hi)
-    floor = jax.lax.stop_gradient(loss(jnp.full(steps, jnp.inf, beta_fo.dtype)))  # plain GD
-    scale = jax.lax.stop_gradient(loss(beta_fo) - floor)
+class ExactDiscrete(AbstractControl):
+    """L-BFGS through the exact discrete recursion (quadratic problems only, docs/theory.md §5.2,
+    §5.3, §7): the true optimum of discrete SGD's expected loss, started from the first-order
+    optimum; then the exact integer optimum of the exact loss linearised in ``1/b`` at the real
+    optimum, kept if it beats the first-order integer schedule in the exact loss.
 
-    def objective(theta):
-        b = sched.free_form_batch_sizes(theta, samples, min_batch=lo, max_batch=hi)
-        return (loss(b) - floor) / scale
+    Args:
+        max_iter: iteration cap; gtol: termination tolerance.
+    """
 
-    theta, it = _lbfgs(objective, theta0, max_iter, gtol, progress, False)
-    beta = sched.free_form_batch_sizes(theta, samples, min_batch=lo, max_batch=hi)
-    # Integer schedule: exact integer optimum of the exact loss linearised in u = 1/b at beta; kept
-    # only if it beats the first-order integer optimum in the exact loss (it nearly always does).
-    phi_seen = jax.grad(lambda u: loss(1.0 / u))(1.0 / beta)
-    b_lin = alloc.integer_optimum(phi_seen, samples, min_batch=lo, max_batch=hi)
-    b = jnp.where(loss(b_lin) <= loss(b_fo), b_lin, b_fo)
-    return _finish(problem, parts, lr, beta, b, samples, it, "exact")
+    max_iter: int = eqx.field(static=True, default=200)
+    gtol: float = 1e-9
+    name: ClassVar[str] = "exact"
+
+    def iteration_cap(self) -> int:
+        return self.max_iter
+
+    def check(self, problem) -> None:
+        if not problem.is_quadratic:
+            raise ValueError(
+                f"method: 'exact' needs a quadratic problem with an exact recursion, got "
+                f"{type(problem).__name__}")
+
+    def solve(self, problem, parts, optimizer, budget, rtol, atol, solver, meter):
+        steps = parts.phi.shape[0]
+        s, lo, hi = budget.samples, budget.lo, budget.hi
+        beta_fo, b_fo = _first_order_allocation(problem, parts, budget)
+
+        def loss(b):
+            return _exact_loss(problem, b, optimizer)
+
+        theta0 = ff.free_form_init(beta_fo, s, min_batch=lo, max_batch=hi)
+        floor = jax.lax.stop_gradient(loss(jnp.full(steps, jnp.inf, beta_fo.dtype)))  # plain GD
+        scale = jax.lax.stop_gradient(loss(beta_fo) - floor)
+
+        def objective(theta):
+            b = ff.free_form_batch_sizes(theta, s, min_batch=lo, max_batch=hi)
+            return (loss(b) - floor) / scale
+
+        theta, it, result = _lbfgs(objective, theta0, self.max_iter,
+                                   jnp.asarray(self.gtol, theta0.dtype), meter)
+        beta = ff.free_form_batch_sizes(theta, s, min_batch=lo, max_batch=hi)
+        phi_seen = jax.grad(lambda u: loss(1.0 / u))(1.0 / beta)
+        b_lin = alloc.integer_optimum(phi_seen, s, min_batch=lo, max_batch=hi)
+        b = jnp.where(loss(b_lin) <= loss(b_fo), b_lin, b_fo)
+        return _finish(problem, parts, budget, beta, b, it, self.name, result)
+
+
+_ALIASES = {"closed_form": ClosedForm, "gradient": FirstOrderGradient, "exact": ExactDiscrete}
+
+
+def _as_control(method, max_iter, gtol) -> AbstractControl:
+    if isinstance(method, str):
+        if method not in _ALIASES:
+            raise ValueError(f"method: must be one of {METHODS} or a control object, got {method!r}")
+        if method == "closed_form":
+            return ClosedForm()
+        if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+            raise ValueError(f"max_iter: must be an int >= 1, got {max_iter!r}")
+        return _ALIASES[method](max_iter=int(max_iter), gtol=gtol)
+    if not isinstance(method, AbstractControl):
+        raise ValueError(
+            "method: expected 'closed_form', 'gradient', 'exact', js.ClosedForm(), "
+            f"js.FirstOrderGradient() or js.ExactDiscrete(), got {type(method).__name__}")
+    return method
+
+
+@eqx.filter_jit
+def _control_core(control, problem, parts, optimizer, budget, rtol, atol, solver, meter):
+    return control.solve(problem, parts, optimizer, budget, rtol, atol, solver, meter)
 
 
 def _as_count(name: str, value, minimum: int = 1) -> Array:
@@ -208,105 +300,88 @@ def _as_count(name: str, value, minimum: int = 1) -> Array:
     return arr.astype(jnp.result_type(float))
 
 
+def _budget(problem, steps, samples, min_batch, max_batch, dtype) -> _Budget:
+    lo = _as_count("min_batch", min_batch).astype(dtype)
+    n = _as_count("samples", samples).astype(dtype)
+    hi = None if max_batch is None else _as_count("max_batch", max_batch).astype(dtype)
+    cap = problem.batch_cap()
+    n, lo, hi_checked = alloc._check_budget(steps, n, lo, hi, integer=False, batch_cap=cap)
+    hi = hi_checked.astype(dtype) if (hi is not None or cap is not None) else None
+    return _Budget(samples=n.astype(dtype), lo=lo.astype(dtype), hi=hi,
+                   floor=jnp.full(steps, lo, dtype))
+
+
 def optimal_schedule(
     problem,
     *,
-    lr,
+    lr=None,
     steps: int,
     samples,
     min_batch=1,
     max_batch=None,
-    method: str = "closed_form",
+    method="closed_form",
+    sensitivity="auto",
+    optimizer=None,
     rtol=None,
     atol=None,
     solver=None,
     max_iter: int = 200,
     gtol: float = 1e-9,
-    progress: bool = False,
+    progress=False,
+    throw: bool = True,
 ) -> OptimalSchedule:
     """The batch schedule minimising the predicted expected final loss for a sample budget.
 
-    Minimises ``sum_k phi_k / b_k`` subject to ``sum_k b_k = samples`` and
-    ``min_batch <= b_k <= max_batch`` (theory 4).
-
-    Methods:
-        ``"closed_form"``: ``phi`` from the adjoint system, the sqrt rule with bounds for ``beta``
-            and the exact integer optimum (threshold search plus marginal allocation) for
-            ``batch_sizes``.
-        ``"gradient"``: L-BFGS (optax) over a free-form schedule (one degree of freedom per step,
-            budget and bounds met by construction) through the diffrax-integrated moment system
-            (reverse mode through ``diffeqsolve``). Recovers the closed form; a cross-check.
-        ``"exact"``: L-BFGS through the exact discrete recursion (quadratic problems only): the
-            true optimum of discrete SGD's expected loss, started from the first-order optimum.
+    Minimises ``sum_k phi_k w(b_k)`` subject to ``sum_k b_k = samples`` and
+    ``min_batch <= b_k <= max_batch`` (docs/theory.md §4; a data set sampled without replacement
+    also caps ``b_k <= n``).
 
     Args:
         problem: a jaxsched problem.
-        lr: learning rate ``h > 0``.
+        lr: learning rate ``h > 0`` of plain SGD; or give ``optimizer`` (:class:`jaxsched.SGD` with
+            momentum, Nesterov or a per-step lr schedule).
         steps: number of steps ``K`` (Python int).
         samples: sample budget ``N``, ``steps * min_batch <= N <= steps * max_batch``.
         min_batch, max_batch: bounds on each batch size (``max_batch=None``: unbounded).
-        method: one of ``"closed_form"``, ``"gradient"``, ``"exact"``.
+        method: :class:`ClosedForm` (default), :class:`FirstOrderGradient` or
+            :class:`ExactDiscrete` (or their aliases ``"closed_form"``, ``"gradient"``, ``"exact"``).
+        sensitivity: how ``phi`` is computed: ``"auto"`` (default), :class:`jaxsched.DenseAdjoint`,
+            :class:`jaxsched.Eigenbasis`, :class:`jaxsched.MatrixFree` (or ``"dense"``, ``"eigen"``,
+            ``"matrix-free"``).
         rtol, atol, solver: ODE solver options (see :func:`jaxsched.expansion`).
-        max_iter, gtol: L-BFGS iteration cap and gradient-norm tolerance (iterative methods).
-        progress: show a tqdm bar of the L-BFGS iterations (iterative methods; not under vmap).
+        max_iter, gtol: L-BFGS iteration cap and tolerance for the string aliases of the iterative
+            methods (the method objects carry their own).
+        progress: ``True`` for a tqdm bar of the L-BFGS iterations, or a progress meter object
+            (``jaxsched.TqdmProgress()``, ``jaxsched.NoProgress()``).
+        throw: raise when a solve fails (default); otherwise the outcome is in ``result``.
 
     Returns:
         An :class:`OptimalSchedule`.
 
     Raises:
         ValueError: naming the argument, for ``lr <= 0``, ``steps <= 0``, an infeasible budget,
-            ``min_batch > max_batch``, an unknown ``method``, or ``"exact"`` on a non-quadratic
-            problem.
+            ``min_batch > max_batch``, an unknown ``method`` or ``sensitivity``, or ``"exact"`` on a
+            non-quadratic problem.
     """
-    if method not in METHODS:
-        raise ValueError(f"method: must be one of {METHODS}, got {method!r}")
-    ex.check_problem(problem)
-    steps = ex.check_steps(steps)
+    control = _as_control(method, max_iter, gtol)
+    check_problem(problem)
+    steps = check_steps(steps)
     dtype = problem.x0.dtype
-    lr = ex.as_positive_scalar("lr", lr).astype(dtype)
-    lo = _as_count("min_batch", min_batch).astype(dtype)
-    samples_arr = _as_count("samples", samples).astype(dtype)
-    hi = None if max_batch is None else _as_count("max_batch", max_batch).astype(dtype)
-    if _is_concrete(lo, samples_arr, hi):
-        if hi is not None and float(lo) > float(hi):
-            raise ValueError(f"min_batch: {float(lo):g} exceeds max_batch {float(hi):g}")
-        if float(samples_arr) < steps * float(lo):
-            raise ValueError(
-                f"samples: budget {float(samples_arr):g} is below steps * min_batch = "
-                f"{steps * float(lo):g}"
-            )
-        if hi is not None and float(samples_arr) > steps * float(hi):
-            raise ValueError(
-                f"samples: budget {float(samples_arr):g} exceeds steps * max_batch = "
-                f"{steps * float(hi):g}"
-            )
-    if method == "exact" and not problem.is_quadratic:
-        raise ValueError(
-            f"method: 'exact' needs a quadratic problem with an exact recursion, got "
-            f"{type(problem).__name__}"
-        )
-    rtol, atol = ex._tolerances(dtype, rtol, atol)
-    solver = ex._default_solver(solver)
-    parts = ex._first_order_core(problem, lr, rtol, atol, solver, steps)
-    if method == "closed_form":
-        return _closed_form_core(problem, parts, lr, samples_arr, lo, hi)
-    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
-        raise ValueError(f"max_iter: must be an int >= 1, got {max_iter!r}")
-    # Array leaves: changing the iteration cap or tolerance never recompiles.
-    opts = (jnp.asarray(max_iter), jnp.asarray(gtol, dtype), jnp.asarray(bool(progress)))
-    if method == "gradient":
-        core = functools.partial(_gradient_core, problem, parts, lr, samples_arr, lo, hi, rtol, atol,
-                                 solver)
-    else:
-        core = functools.partial(_exact_core, problem, parts, lr, samples_arr, lo, hi)
-    call = opts
-    if not progress:
-        return core(*call)
-    from tqdm.auto import tqdm
-
-    with tqdm(total=int(max_iter), desc=f"optimal_schedule[{method}]", unit="it") as bar:
-        _PROGRESS["bar"] = bar
-        try:
-            return jax.block_until_ready(core(*call))
-        finally:
-            _PROGRESS["bar"] = None
+    opt = cm.resolve_optimizer(optimizer, lr, dtype)
+    budget = _budget(problem, steps, samples, min_batch, max_batch, dtype)
+    control.check(problem)
+    sens = as_method(sensitivity, problem)
+    parts = first_order_parts(problem, steps=steps, optimizer=opt, method=sens, rtol=rtol, atol=atol,
+                              solver=solver, throw=throw)
+    rtol, atol = cm.tolerances(dtype, rtol, atol)
+    solver = cm.default_solver(solver)
+    meter = TqdmProgress() if progress is True else (NoProgress() if progress is False else progress)
+    if not isinstance(meter, ProgressMeter):
+        raise ValueError(f"progress: must be a bool or a progress meter, got {type(progress).__name__}")
+    with meter.session(total=control.iteration_cap(), desc=f"optimal_schedule[{control.name}]") as live:
+        out = _control_core(control, problem, parts, opt, budget, rtol, atol, solver, live)
+        out = jax.block_until_ready(out)
+    if throw:
+        out = out.result.error_if(out, (out.result != RESULTS.successful)
+                                  & (out.result != RESULTS.max_iterations_reached))
+    return out

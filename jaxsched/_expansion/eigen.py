@@ -3,16 +3,17 @@ features, exact quadrature of the per-step integrals."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._problem.linear import DiagonalGaussianRegression, GaussianLinearRegression, LinearRegressionData
-from .._types import Array, Float, Scalar, StepArray, Vector
-from . import moments as ex
+from .._optimizer import SGD
+from .._problem.linear import EigenForm
+from .._solution import RESULTS
+from .._types import Array, Float, Scalar, StepArray
+from . import _common as cm
+from .sensitivity import AbstractSensitivity, FirstOrderParts, first_order_parts
 
 # Elements of one intermediate array in the eigen path; bounds memory for large d or n.
 _EIGEN_BLOCK_ELEMENTS = 2**20
@@ -21,49 +22,11 @@ _EIGEN_BLOCK_ELEMENTS = 2**20
 # eigen path (quadratic problems)
 
 
-class _Eigen(NamedTuple):
-    """A quadratic problem in the eigenbasis of its Hessian ``S``: ``z(t) = e^{-lam t} z0``.
-
-    For a finite data set (theory 5.3, ``A~ = F U`` the rotated features, ``r^ = F x^ - y``),
-    ``features``/``residuals`` are set, and when ``d^2 <= n`` also the coefficients of
-    ``(U^T Sigma U)_ii = z^T Q_i z + 2 L_i . z + C_i`` (``None`` otherwise; all ``None`` for
-    Gaussian features)."""
-
-    lam: Vector
-    z0: Vector
-    noise_var: Scalar | None = None
-    features: Float[Array, "n d"] | None = None
-    residuals: Float[Array, " n"] | None = None
-    quad: Float[Array, "d d d"] | None = None  # Q_ijl
-    lin: Float[Array, "d d"] | None = None  # L_ij
-    const: Float[Array, " d"] | None = None  # C_i
+_Eigen = EigenForm  # the eigen form lives on the problems (``problem.eigen_form()``)
 
 
-def _eigen_form(problem) -> _Eigen:
-    if isinstance(problem, DiagonalGaussianRegression):
-        return _Eigen(problem.eigenvalues, problem.x0, problem.noise_var)
-    if isinstance(problem, GaussianLinearRegression):
-        lam, U = jnp.linalg.eigh(problem.cov)
-        return _Eigen(lam, U.T @ (problem.x0 - problem.x_star), problem.noise_var)
-    F, y = problem.features, problem.targets
-    n, d = F.shape
-    lam, U = jnp.linalg.eigh(F.T @ F / n)
-    # The Gram matrix is PSD; eigh may return -1e-17 for a zero eigenvalue.
-    lam = jnp.maximum(lam, 0.0)
-    x_hat = jnp.linalg.lstsq(F, y)[0]  # minimum-norm least squares: singular S is fine
-    A, r = F @ U, F @ x_hat - y
-    e = _Eigen(lam, U.T @ (problem.x0 - x_hat), None, A, r)
-    if d * d > n:
-        return e
-    # mean_k r_k(z)^2 A~_ki^2 is a quadratic form in z: O(d^3) per time point instead of O(n d).
-    # With g~ = G z + c (G = A~^T A~ / n, c = A~^T r^ / n): the diagonal of U^T Sigma U is
-    # z^T Q_i z + 2 L_i . z + C_i, with Q_i = mean_k A~_ki^2 A~_k A~_k^T - G_i G_i^T, etc.
-    A2 = A**2
-    G = A.T @ A / n
-    c = A.T @ r / n
-    quad = jnp.einsum("kj,kl,ki->ijl", A, A, A2) / n - G[:, :, None] * G[:, None, :]
-    lin = (A2 * r[:, None]).T @ A / n - c[:, None] * G
-    return e._replace(quad=quad, lin=lin, const=(r**2) @ A2 / n - c**2)
+def _eigen_form(problem) -> EigenForm:
+    return problem.eigen_form()
 
 
 def _eigen_phi(e: _Eigen, z: Float[Array, "m d"], decay: Float[Array, "m d"]) -> Float[Array, " m"]:
@@ -88,30 +51,42 @@ def _eigen_phi(e: _Eigen, z: Float[Array, "m d"], decay: Float[Array, "m d"]) ->
     return 0.5 * jnp.sum(lam * decay * (second - g**2), axis=-1)
 
 
-def _quadrature_phi(e: _Eigen, lr: Scalar, steps: int, nodes: int, batch: int) -> StepArray:
+def _remaining(s: StepArray) -> StepArray:
+    """``T - t_{k+1} = sum_{j > k} s_j`` by a reverse cumulative sum (no cancellation near T)."""
+    return jnp.cumsum(s[::-1])[::-1] - s
+
+
+def _quadrature_phi(e: EigenForm, s: StepArray, constant: bool, nodes: int, batch: int) -> StepArray:
     """``phi_k`` by a ``nodes``-point Gauss-Legendre rule on each step (``O(nodes d)`` per step
-    for Gaussian features, ``O(nodes n d)`` for a data set)."""
+    for Gaussian features, ``O(nodes n d)`` for a data set), in intrinsic time ``t_k = sum_{j<k}
+    s_j``."""
     lam, z0 = e.lam, e.z0
     dtype = lam.dtype
+    steps = s.shape[0]
     xi, wq = np.polynomial.legendre.leggauss(nodes)
     xi = jnp.asarray((1.0 + xi) / 2.0, dtype)  # nodes on [0, 1]
     wq = jnp.asarray(wq / 2.0, dtype)
-    # At node t = h (k + xi_j): z(t) = z0 e^{-lam h k} e^{-lam h xi_j} and
-    # e^{-2 lam (T - t)} = e^{-2 lam h (K - k - 1)} e^{-2 lam h (1 - xi_j)}. Factoring the
-    # exponentials into per-step and per-node parts (every exponent <= 0, so nothing overflows)
-    # costs 2 d exponentials per step instead of 2 d per node.
-    node_z = jnp.exp(-lr * xi[:, None] * lam)
-    node_decay = jnp.exp(-2.0 * lr * (1.0 - xi[:, None]) * lam)
+    t_start = jnp.cumsum(s) - s
+    rem = _remaining(s)
+    # At node t = t_k + s_k xi_j: z(t) = z0 e^{-lam t_k} e^{-lam s_k xi_j} and
+    # e^{-2 lam (T - t)} = e^{-2 lam (T - t_{k+1})} e^{-2 lam s_k (1 - xi_j)}: per-step and per-node
+    # factors, every exponent <= 0, so nothing overflows. At a constant step size the per-node
+    # factors are computed once.
+    def node_factors(sk):
+        return jnp.exp(-sk * xi[:, None] * lam), jnp.exp(-2.0 * sk * (1.0 - xi[:, None]) * lam)
+
+    shared = node_factors(s[0]) if constant else None
 
     def one_step(k):
-        z = (z0 * jnp.exp(-lr * k * lam)) * node_z
-        decay = jnp.exp(-2.0 * lr * (steps - k - 1) * lam) * node_decay
-        return lr * jnp.sum(wq * _eigen_phi(e, z, decay))
+        node_z, node_decay = shared if constant else node_factors(s[k])
+        z = (z0 * jnp.exp(-t_start[k] * lam)) * node_z
+        decay = jnp.exp(-2.0 * rem[k] * lam) * node_decay
+        return s[k] * jnp.sum(wq * _eigen_phi(e, z, decay))
 
     # Steps evaluated at once, so that (vmapped batch) x steps x nodes x width stays bounded.
     width = lam.shape[0] if e.features is None else max(e.features.shape)
     block = int(max(1, min(steps, _EIGEN_BLOCK_ELEMENTS // (batch * nodes * width))))
-    return jax.lax.map(one_step, jnp.arange(steps, dtype=dtype), batch_size=block)
+    return jax.lax.map(one_step, jnp.arange(steps), batch_size=block)
 
 
 def _phi1(x: Array) -> Array:
@@ -121,58 +96,79 @@ def _phi1(x: Array) -> Array:
     return jnp.where(small, 1.0 + x / 2.0 + x**2 / 6.0, jnp.expm1(safe) / safe)
 
 
-def _moment_sums_phi(e: _Eigen, lr: Scalar, steps: int, block: int) -> StepArray:
-    """Exact ``phi_k`` for a finite data set with ``d^2 <= n`` (theory 5.3): ``phi(t)`` is a sum
-    of exponentials ``(1/2) lam_i e^{-2 lam_i (T - t)} Q_ijl z0_j z0_l e^{-(lam_j + lam_l) t}``
+def _moment_sums_phi(e: EigenForm, s: StepArray, constant: bool, block: int) -> StepArray:
+    """Exact ``phi_k`` for a finite data set with ``d^2 <= n`` (docs/theory.md §5.3): ``phi(t)`` is
+    a sum of exponentials ``(1/2) lam_i e^{-2 lam_i (T - t)} Q_ijl z0_j z0_l e^{-(lam_j + lam_l) t}``
     (and the linear and constant terms), each integrated exactly over the step:
 
-        int_{kh}^{(k+1)h} e^{-2 lam_i (T - t) - b t} dt
-            = e^{-2 lam_i h (K - k)} e^{-b h k} h phi1((2 lam_i - b) h).
+        int_{t_k}^{t_k + s_k} e^{-2 lam_i (T - t) - b t} dt
+            = e^{-2 lam_i (T - t_k)} e^{-b t_k} s_k phi1((2 lam_i - b) s_k).
 
     The first two factors are per-step exponentials of the eigenvalues (exponents <= 0), the last
-    is per configuration, so each step costs ``O(d^3)`` multiply-adds and no quadrature error."""
+    depends on the step size only (computed once at a constant rate), so each step costs ``O(d^3)``
+    and there is no quadrature error."""
     lam, z0 = e.lam, e.z0
-    rate = 2.0 * lam[:, None, None] - lam[None, :, None] - lam[None, None, :]
-    quad = e.quad * (lr * _phi1(rate * lr)) * z0[None, :, None] * z0[None, None, :]
-    lin = 2.0 * e.lin * (lr * _phi1((2.0 * lam[:, None] - lam[None, :]) * lr)) * z0[None, :]
-    const = e.const * lr * _phi1(2.0 * lam * lr)
+    steps = s.shape[0]
     d = lam.shape[0]
+    rate = 2.0 * lam[:, None, None] - lam[None, :, None] - lam[None, None, :]
+    rate_lin = 2.0 * lam[:, None] - lam[None, :]
+    zz = z0[None, :, None] * z0[None, None, :]
+
+    def coefficients(sk):
+        quad = e.quad * (sk * _phi1(rate * sk)) * zz
+        lin = 2.0 * e.lin * (sk * _phi1(rate_lin * sk)) * z0[None, :]
+        const = e.const * sk * _phi1(2.0 * lam * sk)
+        return quad.reshape(d, d * d), lin, const
+
+    shared = coefficients(s[0]) if constant else None
+    t_start = jnp.cumsum(s) - s
+    rem = _remaining(s) + s  # T - t_k
 
     def one_step(k):
-        a = jnp.exp(-lr * k * lam)  # e^{-lam_j h k}
-        c = 0.5 * lam * jnp.exp(-2.0 * lr * (steps - k) * lam)
-        inner = (quad.reshape(d, d * d) @ (a[:, None] * a[None, :]).reshape(-1)
-                 + lin @ a + const)
+        quad, lin, const = shared if constant else coefficients(s[k])
+        a = jnp.exp(-t_start[k] * lam)  # e^{-lam_j t_k}
+        c = 0.5 * lam * jnp.exp(-2.0 * rem[k] * lam)
+        inner = quad @ (a[:, None] * a[None, :]).reshape(-1) + lin @ a + const
         return jnp.dot(c, inner)
 
-    return jax.lax.map(one_step, jnp.arange(steps, dtype=lam.dtype), batch_size=block)
+    return jax.lax.map(one_step, jnp.arange(steps), batch_size=block)
 
 
-def _eigen_parts(problem, lr: Scalar, steps: int, nodes: int, batch: int = 1) -> ex.FirstOrderParts:
-    e = _eigen_form(problem)
+def eigen_parts(problem, units: cm.StepUnits, steps: int, nodes: int, batch: int = 1) -> FirstOrderParts:
+    """The :class:`FirstOrderParts` of a quadratic problem in its eigenbasis (traced)."""
+    e = problem.eigen_form()
     lam, z0 = e.lam, e.z0
-    T = lr * steps
+    s = units.s
+    T = jnp.sum(s)
     d = lam.shape[0]
     if e.quad is not None:
         block = int(max(1, min(steps, _EIGEN_BLOCK_ELEMENTS // (batch * d * d))))
-        phi = _moment_sums_phi(e, lr, steps, block)
+        phi = _moment_sums_phi(e, s, units.constant, block)
     else:
-        phi = _quadrature_phi(e, lr, steps, nodes, batch)
+        phi = _quadrature_phi(e, s, units.constant, nodes, batch)
     zT = z0 * jnp.exp(-lam * T)
     if e.features is None:
         base = 0.5 * jnp.sum(lam * zT**2) + 0.5 * e.noise_var
     else:
         base = 0.5 * jnp.mean((e.features @ zT + e.residuals) ** 2)
-    # grad F(x_T) . mc_T with mc' = -S mc - (1/2) S grad f resonant in each eigendirection
-    # (theory 3; the same closed form as _linreg.gaussian_correction).
-    correction = -0.5 * jnp.sum(lam**3 * z0**2 * T * jnp.exp(-2.0 * lam * T))
-    return ex.FirstOrderParts(phi=phi, base_loss=base, correction=correction, x_final=zT)
+    # grad F(x_T) . mc_T with mc' = -S mc - (1/2)(1 + 2L) s(t) S grad f, resonant in each
+    # eigendirection (docs/theory.md §3, §7): int_0^T s dt = sum_k s_k^2; plus the momentum lag.
+    drift = (-0.5 * units.drift_factor * jnp.sum(s * s)
+             * jnp.sum(lam**3 * z0**2 * jnp.exp(-2.0 * lam * T)))
+    drift = drift + units.lag * jnp.sum((lam * zT) ** 2)
+    return FirstOrderParts(phi=phi, base_loss=base, correction=drift / units.mean_step, step_sizes=s,
+                           phi_stderr=jnp.zeros_like(phi), result=RESULTS.successful,
+                           x_final=e.to_parameters(zT))
+
+
+def _eigen_parts(problem, lr: Scalar, steps: int, nodes: int, batch: int = 1) -> FirstOrderParts:
+    """Plain SGD at the constant rate ``lr`` (the sweep's entry)."""
+    units = cm.step_units(SGD(lr), steps, problem.x0.dtype)
+    return eigen_parts(problem, units, steps, nodes, batch)
 
 
 def _supports_eigen(problem) -> bool:
-    return isinstance(
-        problem, (DiagonalGaussianRegression, GaussianLinearRegression, LinearRegressionData)
-    )
+    return problem.is_quadratic
 
 
 def _check_nodes(nodes) -> int:
@@ -181,23 +177,15 @@ def _check_nodes(nodes) -> int:
     return int(nodes)
 
 
-@eqx.filter_jit
-def _eigen_parts_core(problem, lr, steps, nodes):
-    return _eigen_parts(problem, lr, steps, nodes)
-
-
-def eigen_first_order_parts(problem, *, lr, steps: int, nodes: int = 8) -> ex.FirstOrderParts:
-    """``phi_k``, ``F(x_T)`` and the drift correction of a quadratic problem in the eigenbasis of
-    its Hessian (theory 4, 5.1, 5.3), so that ``E F(x_K) ~ base_loss + lr * (correction +
-    sum_k phi_k w(b_k))`` as for :func:`jaxsched.first_order_parts`.
-
-    ``Lam(t) = (1/2) e^{-S(T-t)} S e^{-S(T-t)}`` is diagonal in the eigenbasis, so
+class Eigenbasis(AbstractSensitivity):
+    """The sensitivity of a quadratic problem in the eigenbasis of its Hessian (docs/theory.md §4,
+    §5.1, §5.3): ``Lam(t) = (1/2) e^{-S(T-t)} S e^{-S(T-t)}`` is diagonal there, so
     ``phi(t) = (1/2) sum_i lam_i e^{-2 lam_i (T - t)} (U^T Sigma(x(t)) U)_ii``. Three routes:
 
     - Gaussian features: the diagonal is ``lam_i^2 z_i^2 + lam_i (sum_j lam_j z_j^2 + s2)``,
       ``O(d)`` per time point; ``phi_k`` by a ``nodes``-point Gauss-Legendre rule per step.
       ``phi`` is a sum of exponentials with rates at most ``2 lam_max``; at
-      ``lr * lam_max <= 2`` (the stability limit of gradient descent) the relative quadrature
+      ``s lam_max <= 2`` (the stability limit of gradient descent) the relative quadrature
       error of 8 nodes is below ``1e-12``. Cost ``O(steps * nodes * d)``.
     - A data set with ``d^2 <= n``: the diagonal is a quadratic in ``z(t)``; every term is an
       exponential in ``t``, integrated exactly per step: ``O(steps * d^3)``, no quadrature error.
@@ -205,31 +193,32 @@ def eigen_first_order_parts(problem, *, lr, steps: int, nodes: int = 8) -> ex.Fi
       ``r(t)``, Gauss-Legendre as above: ``O(steps * nodes * n d)``.
 
     Plus one ``eigh`` (``O(d^3)``) per problem, unless it is a :class:`DiagonalGaussianRegression`
-    (then ``d = 10^4`` takes well under a second).
+    (then ``d = 10^4`` takes well under a second). Closed forms in the learning rate: gradients in
+    ``lr`` need no ODE solve.
 
     Args:
-        problem: ``DiagonalGaussianRegression``, ``GaussianLinearRegression`` or
-            ``LinearRegressionData`` (the terminal functional is ``f``).
-        lr: learning rate ``h > 0``.
-        steps: number of steps ``K`` (Python int).
-        nodes: Gauss-Legendre nodes per step (Python int).
-
-    Returns:
-        A :class:`jaxsched.FirstOrderParts` (``x_final`` holds ``x_T - x_ref`` in the eigenbasis).
-
-    Raises:
-        ValueError: naming the argument, for another problem type, ``lr <= 0``, bad ``steps`` or
-            ``nodes``.
+        nodes: Gauss-Legendre nodes per step (Python int, default 8).
     """
-    if not _supports_eigen(problem):
-        raise ValueError(
-            "problem: the eigen path needs DiagonalGaussianRegression, GaussianLinearRegression or "
-            f"LinearRegressionData, got {type(problem).__name__}"
-        )
-    steps = ex.check_steps(steps)
-    nodes = _check_nodes(nodes)
-    lr = ex.as_positive_scalar("lr", lr).astype(problem.x0.dtype)
-    return _eigen_parts_core(problem, lr, steps, nodes)
+
+    nodes: int = eqx.field(static=True, default=8)
+
+    def __post_init__(self):
+        _check_nodes(self.nodes)
+
+    def check(self, problem, optimizer) -> None:
+        if not problem.is_quadratic:
+            raise ValueError(
+                "method: the eigenbasis sensitivity needs a quadratic problem (linear regression), "
+                f"got {type(problem).__name__}; use js.DenseAdjoint() or js.MatrixFree()")
+
+    def parts(self, problem, units, steps, rtol, atol, solver) -> FirstOrderParts:
+        return eigen_parts(problem, units, steps, self.nodes)
+
+
+def eigen_first_order_parts(problem, *, lr, steps: int, nodes: int = 8) -> FirstOrderParts:
+    """``first_order_parts(problem, lr=lr, steps=steps, method=Eigenbasis(nodes))`` (kept for
+    backward compatibility; ``x_final`` holds ``x_T - x_ref`` in the eigenbasis)."""
+    return first_order_parts(problem, lr=lr, steps=steps, method=Eigenbasis(_check_nodes(nodes)))
 
 
 def _diagonal_exact(e: _Eigen, w: StepArray, lr: Scalar) -> Scalar:

@@ -62,7 +62,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._misc import _is_concrete
-from .._problem.data import DataProblem
+from .sensitivity import AbstractSensitivity, FirstOrderParts, _finish_parts
+from .._solution import RESULTS
 from .._types import Array, Float, Int, Scalar, StepArray, Vector
 
 __all__ = [
@@ -188,17 +189,21 @@ def _jet2(grad_fn, x: Vector, w: Vector, z: Vector) -> tuple[Vector, Vector]:
     return jax.jvp(d1, (e0,), (jnp.ones_like(e0),))
 
 
-def _second_variation_field(t, y, problem):
+# Time is in step units (docs/theory.md §8): sigma = t / lr, so every field carries the factor lr and
+# the node times are fixed numbers; gradients in lr are then those of ordinary array leaves.
+def _second_variation_field(t, y, args):
+    problem, lr = args
     x, W, Z = y
     HW, S = jax.vmap(_jet2, in_axes=(None, None, 0, 0))(problem.gradient, x, W, Z)
-    return (-problem.gradient(x), -HW, -S)
+    return (-lr * problem.gradient(x), -lr * HW, -lr * S)
 
 
-def _flow_field(t, x, problem):
-    return -problem.gradient(x)
+def _flow_field(t, x, args):
+    problem, lr = args
+    return -lr * problem.gradient(x)
 
 
-def _solve(field, y0, t0, t1, dt0, problem, solver, rtol, atol, max_steps):
+def _solve(field, y0, t0, t1, dt0, args, solver, rtol, atol, max_steps):
     # An explicit first step (the controller adapts it at once) saves the initial step-size
     # heuristic, i.e. one more trace and compilation of the expensive vector field.
     sol = diffrax.diffeqsolve(
@@ -208,7 +213,7 @@ def _solve(field, y0, t0, t1, dt0, problem, solver, rtol, atol, max_steps):
         t1=t1,
         dt0=jnp.minimum(dt0, t1 - t0),
         y0=y0,
-        args=problem,
+        args=args,
         saveat=diffrax.SaveAt(t1=True),
         stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
         max_steps=max_steps,
@@ -220,9 +225,10 @@ def _solve(field, y0, t0, t1, dt0, problem, solver, rtol, atol, max_steps):
 def _matrix_free_core(problem, lr, rtol, atol, tau, index_chunks, mask_chunks, solver,
                       steps, max_steps):
     dtype = problem.x0.dtype
-    T = lr * steps
-    times = lr * tau
-    dt0 = 0.25 * lr
+    T = jnp.asarray(steps, dtype)
+    times = tau
+    dt0 = jnp.asarray(0.25, dtype)
+    args = (problem, lr)
 
     def node_value(x, t):
         """``q_i(t)`` for every sampled example ``i``, pushed forward chunk by chunk."""
@@ -232,7 +238,7 @@ def _matrix_free_core(problem, lr, rtol, atol, tau, index_chunks, mask_chunks, s
             idx, mask = inp
             W0 = (problem.per_example_gradients(x, idx) - gbar) * mask[:, None]
             xT, WT, ZT = _solve(_second_variation_field, (x, W0, jnp.zeros_like(W0)), t, T,
-                                dt0, problem, solver, rtol, atol, max_steps)
+                                dt0, args, solver, rtol, atol, max_steps)
             gF = problem.terminal_gradient(xT)
             HFW = jax.vmap(lambda w: jax.jvp(problem.terminal_gradient, (xT,), (w,))[1])(WT)
             return 0.5 * (jnp.sum(WT * HFW, axis=1) + ZT @ gF) * mask
@@ -242,7 +248,7 @@ def _matrix_free_core(problem, lr, rtol, atol, tau, index_chunks, mask_chunks, s
     def scan_node(carry, t):
         t_prev, x_prev = carry
         # The path is integrated node to node, so only one state vector is ever stored.
-        x = _solve(_flow_field, x_prev, t_prev, t, dt0, problem, solver, rtol, atol, max_steps)
+        x = _solve(_flow_field, x_prev, t_prev, t, dt0, args, solver, rtol, atol, max_steps)
         return (t, x), node_value(x, t)
 
     _, q_nodes = jax.lax.scan(scan_node, (jnp.zeros((), dtype), problem.x0), times)
@@ -250,27 +256,28 @@ def _matrix_free_core(problem, lr, rtol, atol, tau, index_chunks, mask_chunks, s
 
 
 @eqx.filter_jit
-def _importance_core(problem, lr, rtol, atol, tau, node_weights, solver, max_steps):
+def _importance_core(problem, lr, rtol, atol, tau, node_weights, solver, max_steps, chunk):
     """``s_i = sum_j omega_j |g_i(x(t_j)) - gbar(x(t_j))|^2``: each example's centred squared
     gradient norm integrated along the path with the nodes' quadrature weights ``omega_j``.
     Per-example gradients are formed ``problem.chunk_size`` at a time: memory O(d * chunk)."""
     dtype = problem.x0.dtype
-    n, c = problem.num_examples, problem.chunk_size
+    n, c = problem.num_examples, min(chunk, problem.num_examples)
     k = -(-n // c)
     idx = jnp.minimum(jnp.arange(k * c), n - 1).reshape(k, c)  # padding repeats the last example
-    dt0 = 0.25 * lr
+    dt0 = jnp.asarray(0.25, dtype)
+    args = (problem, lr)
 
     def scan_node(carry, inp):
         t_prev, x_prev, acc = carry
         t, omega = inp
-        x = _solve(_flow_field, x_prev, t_prev, t, dt0, problem, solver, rtol, atol, max_steps)
+        x = _solve(_flow_field, x_prev, t_prev, t, dt0, args, solver, rtol, atol, max_steps)
         gbar = problem.gradient(x)
         sq = jax.lax.map(
             lambda i: jnp.sum((problem.per_example_gradients(x, i) - gbar) ** 2, axis=1), idx)
         return (t, x, acc + omega * sq.reshape(-1)[:n]), None
 
     init = (jnp.zeros((), dtype), problem.x0, jnp.zeros(n, dtype))
-    (_, _, acc), _ = jax.lax.scan(scan_node, init, (lr * tau, node_weights))
+    (_, _, acc), _ = jax.lax.scan(scan_node, init, (tau, node_weights))
     return acc
 
 
@@ -312,10 +319,10 @@ def _prepare(problem, lr, steps, num_examples, chunk_size, key, nodes_per_panel,
              rtol, atol, solver, max_steps, sampling) -> _Prepared:
     """Validate the arguments of :func:`sensitivity_matrix_free`, draw the sample and build the
     core's inputs."""
-    if not isinstance(problem, DataProblem):
+    if not problem.is_finite_data:
         raise ValueError(
-            f"problem: the matrix-free path needs per-example gradients (a DataProblem), got "
-            f"{type(problem).__name__}"
+            f"problem: the matrix-free path needs per-example gradients (a finite-data problem such "
+            f"as DataProblem), got {type(problem).__name__}"
         )
     if sampling not in ("importance", "uniform"):
         raise ValueError(f"sampling: must be 'importance' or 'uniform', got {sampling!r}")
@@ -346,7 +353,7 @@ def _prepare(problem, lr, steps, num_examples, chunk_size, key, nodes_per_panel,
             indices = jax.random.choice(key, n, (m,), replace=False)
         else:
             omega = jnp.asarray(weights_np.sum(axis=0), dtype) * lr
-            s = _importance_core(problem, lr, rtol, atol, tau, omega, solver, max_steps)
+            s = _importance_core(problem, lr, rtol, atol, tau, omega, solver, max_steps, chunk_size)
             # Defensive mixture: half uniform, so 1 / (n p_i) <= 2 whatever the norms are.
             total = jnp.sum(s)
             probabilities = 0.5 / n + 0.5 * jnp.where(total > 0, s / total, 1.0 / n)
@@ -364,7 +371,7 @@ def _prepare(problem, lr, steps, num_examples, chunk_size, key, nodes_per_panel,
 
 
 def sensitivity_matrix_free(
-    problem: DataProblem,
+    problem,
     *,
     lr,
     steps: int,
@@ -523,3 +530,79 @@ def negative_sensitivity_report(phi, batch_sizes=None) -> NegativeSensitivityRep
         steps=neg, share_of_steps=neg.size / p.size, share_of_mass=mass, batch_sizes=b,
         at_min_batch=at_min,
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# the method object of the one sensitivity entry
+
+
+def _flow_correction_field(sigma, y, args):
+    problem, units = args
+    x, mc = y
+    s = units.s[0]
+    g = problem.gradient(x)
+    # Hessian-vector products only: O(d) memory.
+    return (-s * g, -s * problem.hvp(x, mc) - (0.5 * units.drift_factor * s * s) * problem.hvp(x, g))
+
+
+@eqx.filter_jit
+def _base_and_drift(problem, units, steps, rtol, atol, solver, max_steps):
+    """``F(x_T)`` and the drift term ``grad F . mc_T (+ lag)`` by one forward solve in step units."""
+    dtype = problem.x0.dtype
+    x0 = problem.x0
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(_flow_correction_field), solver, t0=jnp.zeros((), dtype),
+        t1=jnp.asarray(steps, dtype), dt0=None, y0=(x0, jnp.zeros_like(x0)), args=(problem, units),
+        saveat=diffrax.SaveAt(t1=True), stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+        max_steps=max_steps, throw=False)
+    xT, mcT = (leaf[-1] for leaf in sol.ys)
+    gF = problem.terminal_gradient(xT)
+    drift = gF @ mcT + units.lag * (gF @ problem.gradient(xT))
+    return problem.terminal_value(xT), drift, xT, RESULTS.promote(sol.result)
+
+
+class MatrixFree(AbstractSensitivity):
+    """The matrix-free sensitivity (module docstring): ``phi`` from the second variation of the
+    gradient flow with forward-mode Hessian-vector products, never a ``d x d`` matrix; memory
+    ``O(d * chunk_size)``. With ``num_examples < n`` an unbiased subsample estimate, whose standard
+    error is ``FirstOrderParts.phi_stderr``. For finite-data problems (per-example gradients) and a
+    constant learning rate (momentum allowed).
+
+    Args:
+        num_examples: examples used (default all: exact to solver tolerance).
+        chunk_size: per-example gradient vectors pushed forward together.
+        key: a ``jax.random`` key, required when ``num_examples < n``.
+        nodes_per_panel, steps_per_panel, max_steps, sampling: as in
+            :func:`jaxsched.sensitivity_matrix_free`.
+    """
+
+    num_examples: int | None = eqx.field(static=True, default=None)
+    chunk_size: int = eqx.field(static=True, default=16)
+    key: Array | None = None
+    nodes_per_panel: int = eqx.field(static=True, default=4)
+    steps_per_panel: int = eqx.field(static=True, default=1)
+    max_steps: int = eqx.field(static=True, default=16384)
+    sampling: str = eqx.field(static=True, default="importance")
+
+    def check(self, problem, optimizer) -> None:
+        if not problem.is_finite_data:
+            raise ValueError(
+                "method: the matrix-free sensitivity needs a finite-data problem with per-example "
+                f"gradients (e.g. js.DataProblem), got {type(problem).__name__}")
+        if not optimizer.constant_lr:
+            raise ValueError("optimizer: the matrix-free sensitivity needs a constant learning rate")
+
+    def parts(self, problem, units, steps, rtol, atol, solver):
+        raise NotImplementedError("MatrixFree computes its parts on the host side (compute)")
+
+    def compute(self, problem, units, steps, rtol, atol, solver, throw):
+        h = units.s[0]
+        mf = sensitivity_matrix_free(
+            problem, lr=h, steps=steps, num_examples=self.num_examples, chunk_size=self.chunk_size,
+            key=self.key, nodes_per_panel=self.nodes_per_panel, steps_per_panel=self.steps_per_panel,
+            rtol=rtol, atol=atol, solver=solver, max_steps=self.max_steps, sampling=self.sampling)
+        base, drift, xT, result = _base_and_drift(problem, units, steps, rtol, atol, solver,
+                                                  self.max_steps)
+        parts = FirstOrderParts(phi=mf.phi, base_loss=base, correction=drift / units.mean_step,
+                                step_sizes=units.s, phi_stderr=mf.stderr, result=result, x_final=xT)
+        return _finish_parts(parts, throw)

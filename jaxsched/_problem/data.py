@@ -25,7 +25,7 @@ from jax.flatten_util import ravel_pytree
 
 from .._misc import _is_concrete
 from .._types import Array, Float, Int, Matrix, Scalar, Vector
-from .base import AbstractProblem
+from .base import AbstractFiniteDataProblem
 
 __all__ = ["DataProblem"]
 
@@ -62,7 +62,7 @@ def _take(data, idx):
     return jax.tree_util.tree_map(lambda a: a[idx], data)
 
 
-class DataProblem(AbstractProblem):
+class DataProblem(AbstractFiniteDataProblem):
     """Mean of a per-example loss over a finite data set, for any JAX model.
 
     ``f(x) = (1/n) sum_i l(x; xi_i)``, ``Sigma(x) = (1/n) sum_i (g_i - gbar)(g_i - gbar)^T`` with
@@ -234,10 +234,3 @@ class DataProblem(AbstractProblem):
             return jax.jvp(lambda z: jax.hessian(self._loss_sum)(z, ch, m), (x,), (a,))[1]
 
         return self._data_sum(chunk) / self.num_examples
-
-    # --- sampling ----------------------------------------------------------------------------------
-    def noise_weight(self, batch_sizes: Float[Array, "..."]) -> Float[Array, "..."]:
-        if self.replace:
-            return 1.0 / batch_sizes
-        n = self.num_examples
-        return (n - batch_sizes) / (batch_sizes * (n - 1))

@@ -2,15 +2,49 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import NamedTuple
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .._misc import _as_float_array, _is_concrete
 from .._types import Array, Float, Matrix, Scalar, Vector
-from .base import AbstractProblem
+from .base import AbstractFiniteDataProblem, AbstractOnlineProblem, AbstractQuadraticProblem
+
+
+class EigenForm(NamedTuple):
+    """A quadratic problem in the eigenbasis of its Hessian ``S = U diag(lam) U^T``:
+    ``z(t) = e^{-lam t} z0`` on the gradient-flow path (docs/theory.md §5).
+
+    For Gaussian features ``noise_var`` is set; for a finite data set (§5.3, ``A~ = F U`` the
+    rotated features, ``r^ = F x^ - y``) ``features``/``residuals`` are set, and when ``d^2 <= n``
+    also the coefficients of ``(U^T Sigma U)_ii = z^T Q_i z + 2 L_i . z + C_i``."""
+
+    lam: Vector
+    z0: Vector
+    noise_var: Scalar | None = None
+    features: Float[Array, "n d"] | None = None
+    residuals: Float[Array, " n"] | None = None
+    quad: Float[Array, "d d d"] | None = None  # Q_ijl
+    lin: Float[Array, "d d"] | None = None  # L_ij
+    const: Float[Array, " d"] | None = None  # C_i
+    basis: Matrix | None = None  # U (None: the problem is already diagonal)
+    offset: Vector | None = None  # x_ref, so that x = x_ref + U z
+
+    def to_parameters(self, z: Vector) -> Vector:
+        """The parameter vector ``x = x_ref + U z`` of eigen coordinates ``z``."""
+        x = z if self.basis is None else self.basis @ z
+        return x if self.offset is None else x + self.offset
+
+
+def _gaussian_sample_gradient(x_minus_star, chol_or_sqrt_diag, noise_var, key, diagonal: bool):
+    d = x_minus_star.shape[0]
+    z = jax.random.normal(key, (d + 1,), x_minus_star.dtype)
+    a = chol_or_sqrt_diag * z[:-1] if diagonal else chol_or_sqrt_diag @ z[:-1]
+    # y = a . x_star + e, loss (a . x - y)^2 / 2, gradient a (a . (x - x_star) - e)
+    return a * (jnp.dot(a, x_minus_star) - jnp.sqrt(noise_var) * z[-1])
 
 
 def _check_square_spd(name: str, cov: Array) -> None:
@@ -27,7 +61,7 @@ def _check_square_spd(name: str, cov: Array) -> None:
         raise ValueError(f"{name}: must be positive definite (smallest eigenvalue {eig[0]:.3g})")
 
 
-class GaussianLinearRegression(AbstractProblem):
+class GaussianLinearRegression(AbstractQuadraticProblem, AbstractOnlineProblem):
     """Least squares with Gaussian features (theory 5.1): ``a ~ N(0, cov)``, ``y = a . x_star + e``,
     ``e ~ N(0, noise_var)``. Then ``f(x) = v^T S v / 2 + s2 / 2`` with ``v = x - x_star`` and
 
@@ -48,8 +82,6 @@ class GaussianLinearRegression(AbstractProblem):
     x_star: Vector
     x0: Vector
     noise_var: Scalar
-
-    is_quadratic: ClassVar[bool] = True
 
     def __init__(self, cov, x_star, x0, noise_var=0.0):
         self.cov = _as_float_array("cov", cov, ndim=2)
@@ -78,14 +110,18 @@ class GaussianLinearRegression(AbstractProblem):
         Sv = self.cov @ (x - self.x_star)
         return jnp.outer(Sv, Sv) + (jnp.dot(x - self.x_star, Sv) + self.noise_var) * self.cov
 
-    def third_contraction(self, x, P):
-        return jnp.zeros_like(x)
+    def sample_gradient(self, x, key):
+        """Gradient of one fresh example's loss ``(a . x - y)^2 / 2`` at ``x``."""
+        return _gaussian_sample_gradient(x - self.x_star, jnp.linalg.cholesky(self.cov), self.noise_var,
+                                         key, diagonal=False)
 
-    def third_hessian(self, x, a):
-        return jnp.zeros_like(self.cov)
+    def eigen_form(self) -> EigenForm:
+        lam, U = jnp.linalg.eigh(self.cov)
+        return EigenForm(lam, U.T @ (self.x0 - self.x_star), self.noise_var, basis=U,
+                         offset=self.x_star)
 
 
-class LinearRegressionData(AbstractProblem):
+class LinearRegressionData(AbstractQuadraticProblem, AbstractFiniteDataProblem):
     """Least squares on a finite data set sampled uniformly (theory 5.3):
     ``f(x) = mean_i (a_i . x - y_i)^2 / 2`` and ``Sigma(x) = mean_i g_i g_i^T - grad f grad f^T`` with
     ``g_i = a_i (a_i . x - y_i)``, computed in ``O(n d^2)`` without building ``n`` matrices.
@@ -105,8 +141,6 @@ class LinearRegressionData(AbstractProblem):
     targets: Float[Array, " n"]
     x0: Vector
     replace: bool = eqx.field(static=True)
-
-    is_quadratic: ClassVar[bool] = True
 
     def __init__(self, features, targets, x0=None, replace: bool = True):
         self.features = _as_float_array("features", features, ndim=2)
@@ -151,23 +185,33 @@ class LinearRegressionData(AbstractProblem):
         second = (self.features * (r**2)[:, None]).T @ self.features / self.num_examples
         return second - jnp.outer(g, g)
 
-    def third_contraction(self, x, P):
-        return jnp.zeros_like(x)
+    def per_example_gradients(self, x, idx):
+        a = self.features[idx]
+        return a * (a @ x - self.targets[idx])[:, None]
 
-    def third_hessian(self, x, a):
-        d = self.features.shape[1]
-        return jnp.zeros((d, d), self.features.dtype)
+    def eigen_form(self) -> EigenForm:
+        F, y = self.features, self.targets
+        n, d = F.shape
+        lam, U = jnp.linalg.eigh(F.T @ F / n)
+        # The Gram matrix is PSD; eigh may return -1e-17 for a zero eigenvalue.
+        lam = jnp.maximum(lam, 0.0)
+        x_hat = jnp.linalg.lstsq(F, y)[0]  # minimum-norm least squares: singular S is fine
+        A, r = F @ U, F @ x_hat - y
+        e = EigenForm(lam, U.T @ (self.x0 - x_hat), None, A, r, basis=U, offset=x_hat)
+        if d * d > n:
+            return e
+        # mean_k r_k(z)^2 A~_ki^2 is a quadratic form in z: O(d^3) per time point instead of
+        # O(n d). With g~ = G z + c (G = A~^T A~ / n, c = A~^T r^ / n): the diagonal of U^T Sigma U
+        # is z^T Q_i z + 2 L_i . z + C_i, with Q_i = mean_k A~_ki^2 A~_k A~_k^T - G_i G_i^T, etc.
+        A2 = A**2
+        G = A.T @ A / n
+        c = A.T @ r / n
+        quad = jnp.einsum("kj,kl,ki->ijl", A, A, A2) / n - G[:, :, None] * G[:, None, :]
+        lin = (A2 * r[:, None]).T @ A / n - c[:, None] * G
+        return e._replace(quad=quad, lin=lin, const=(r**2) @ A2 / n - c**2)
 
-    def noise_weight(self, batch_sizes):
-        if self.replace:
-            return 1.0 / batch_sizes
-        n = self.num_examples
-        return (n - batch_sizes) / (batch_sizes * (n - 1))
 
-
-
-
-class DiagonalGaussianRegression(AbstractProblem):
+class DiagonalGaussianRegression(AbstractQuadraticProblem, AbstractOnlineProblem):
     """Gaussian linear regression (theory 5.1) written in the eigenbasis of its feature
     covariance: ``S = diag(eigenvalues)``, ``x_star = 0``, ``x0 = v0`` (the coordinates of
     ``x0 - x_star`` in the eigenbasis). Storage and the eigen path cost ``O(d)``, so ``d = 10^4``
@@ -187,8 +231,6 @@ class DiagonalGaussianRegression(AbstractProblem):
     eigenvalues: Vector
     x0: Vector
     noise_var: Scalar
-
-    is_quadratic: ClassVar[bool] = True
 
     def __init__(self, eigenvalues, v0, noise_var=0.0):
         self.eigenvalues = _as_float_array("eigenvalues", eigenvalues, ndim=1)
@@ -230,10 +272,10 @@ class DiagonalGaussianRegression(AbstractProblem):
         g = self.eigenvalues * x
         return jnp.outer(g, g) + (jnp.dot(x, g) + self.noise_var) * jnp.diag(self.eigenvalues)
 
-    def third_contraction(self, x, P):
-        return jnp.zeros_like(x)
+    def sample_gradient(self, x, key):
+        """Gradient of one fresh example's loss at ``x`` (features ``a ~ N(0, diag(lam))``)."""
+        return _gaussian_sample_gradient(x, jnp.sqrt(self.eigenvalues), self.noise_var, key,
+                                         diagonal=True)
 
-    def third_hessian(self, x, a):
-        return jnp.zeros((x.shape[0], x.shape[0]), x.dtype)
-
-
+    def eigen_form(self) -> EigenForm:
+        return EigenForm(self.eigenvalues, self.x0, self.noise_var)
