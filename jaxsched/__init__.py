@@ -19,27 +19,47 @@ from ._control.free_form import (
 )
 from ._control.optimal import (
     METHODS as METHODS,
+    AbstractControl as AbstractControl,
+    ClosedForm as ClosedForm,
+    ExactDiscrete as ExactDiscrete,
+    FirstOrderGradient as FirstOrderGradient,
     OptimalSchedule as OptimalSchedule,
     optimal_schedule as optimal_schedule,
 )
+from ._control.progress import (
+    NoProgress as NoProgress,
+    ProgressMeter as ProgressMeter,
+    TqdmProgress as TqdmProgress,
+)
 from ._control.stages import compress_stages as compress_stages
-from ._expansion.eigen import eigen_first_order_parts as eigen_first_order_parts
+from ._expansion.adjoint import DenseAdjoint as DenseAdjoint
+from ._expansion.eigen import Eigenbasis as Eigenbasis, eigen_first_order_parts as eigen_first_order_parts
 from ._expansion.matrix_free import (
+    MatrixFree as MatrixFree,
     MatrixFreeSensitivity as MatrixFreeSensitivity,
     MemoryStats as MemoryStats,
     NegativeSensitivityReport as NegativeSensitivityReport,
     negative_sensitivity_report as negative_sensitivity_report,
     sensitivity_matrix_free as sensitivity_matrix_free,
 )
-from ._expansion.moments import (
-    Expansion as Expansion,
+from ._expansion.moments import Expansion as Expansion, expansion as expansion, expected_loss as expected_loss
+from ._expansion.sensitivity import (
+    AbstractSensitivity as AbstractSensitivity,
     FirstOrderParts as FirstOrderParts,
-    expansion as expansion,
-    expected_loss as expected_loss,
     first_order_parts as first_order_parts,
     sensitivity as sensitivity,
 )
-from ._problem.base import AbstractProblem as AbstractProblem
+from ._optimizer import (
+    SGD as SGD,
+    AbstractOptimizer as AbstractOptimizer,
+    lr_schedule as lr_schedule,
+)
+from ._problem.base import (
+    AbstractFiniteDataProblem as AbstractFiniteDataProblem,
+    AbstractOnlineProblem as AbstractOnlineProblem,
+    AbstractProblem as AbstractProblem,
+    AbstractQuadraticProblem as AbstractQuadraticProblem,
+)
 from ._problem.data import DataProblem as DataProblem
 from ._problem.exact import (
     exact_expected_loss as exact_expected_loss,
@@ -50,7 +70,6 @@ from ._problem.exact import (
     gaussian_phi as gaussian_phi,
     gaussian_sensitivity as gaussian_sensitivity,
 )
-from ._optimizer import SGD as SGD, lr_schedule as lr_schedule
 from ._problem.stability import stability_batch as stability_batch
 from ._problem.general import Problem as Problem, SampledProblem as SampledProblem
 from ._problem.linear import (
@@ -65,6 +84,7 @@ from ._schedule.baselines import (
     schedule_fn as schedule_fn,
     step_doubling as step_doubling,
 )
+from ._solution import RESULTS as RESULTS
 from ._sweep import (
     Configurations as Configurations,
     SweepOutputs as SweepOutputs,
