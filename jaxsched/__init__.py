@@ -84,6 +84,13 @@ from ._schedule.baselines import (
     schedule_fn as schedule_fn,
     step_doubling as step_doubling,
 )
+from ._schedule.export import (
+    FORMATS as EXPORT_FORMATS,
+    BatchSchedule as BatchSchedule,
+    ScheduleExport as ScheduleExport,
+    export_schedule as export_schedule,
+    schedule_json as schedule_json,
+)
 from ._solution import RESULTS as RESULTS
 from ._sweep import (
     Configurations as Configurations,

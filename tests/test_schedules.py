@@ -166,6 +166,51 @@ def test_schedule_fn_in_jit_and_scan():
     assert jnp.issubdtype(sched(0).dtype, jnp.integer)
 
 
+def test_batch_schedule_does_not_retrace_for_a_new_table():
+    traces = []
+
+    @jax.jit
+    def total(sched, steps):
+        traces.append(1)  # runs only while tracing
+        return jnp.sum(jax.vmap(sched)(steps)), sched.samples_consumed(steps[-1] + 1)
+
+    steps = jnp.arange(6)
+    first = total(js.schedule_fn([1, 2, 2, 4, 8, 8]), steps)
+    second = total(js.schedule_fn(np.array([3, 3, 5, 5, 5, 9])), steps)
+    assert len(traces) == 1  # same shape and dtype: the compiled code is reused
+    assert [int(v) for v in first] == [25, 25] and [int(v) for v in second] == [30, 30]
+    total(js.schedule_fn([1, 2, 3]), steps)
+    assert len(traces) == 2  # a new length is a new shape
+
+
+def test_batch_schedule_table_methods_and_json_round_trip():
+    b = np.array([2, 2, 3, 3, 3, 7, 2**40])  # a value beyond float32's exact integers
+    sched = js.BatchSchedule(b)
+    np.testing.assert_array_equal(sched(jnp.arange(-2, 9)), [2, 2, 2, 2, 3, 3, 3, 7, 2**40, 2**40, 2**40])
+    consumed = [int(sched.samples_consumed(k)) for k in range(9)]
+    assert consumed == [int(b[:k].sum()) for k in range(8)] + [int(b.sum()) + 2**40]
+    assert sched.stages() == [
+        {"first_step": 0, "steps": 2, "batch_size": 2, "samples_consumed": 0},
+        {"first_step": 2, "steps": 3, "batch_size": 3, "samples_consumed": 4},
+        {"first_step": 5, "steps": 1, "batch_size": 7, "samples_consumed": 13},
+        {"first_step": 6, "steps": 1, "batch_size": 2**40, "samples_consumed": 20},
+    ]
+    back = js.BatchSchedule.from_json(sched.to_json())
+    np.testing.assert_array_equal(back.batch_sizes, b)
+    assert back.batch_sizes.dtype == sched.batch_sizes.dtype
+
+
+def test_batch_schedule_validation():
+    for bad in ([], [[1, 2]], [1.5, 2.0], [0, 3], [4, -1]):
+        with pytest.raises(ValueError, match="batch_sizes"):
+            js.schedule_fn(bad)
+    with pytest.raises(ValueError, match="text"):
+        js.BatchSchedule.from_json("[1, 2]")
+    with pytest.raises(ValueError, match="batch_sizes"):
+        js.BatchSchedule.from_json('{"batch_sizes": [1, 2.5]}')
+    assert int(js.schedule_fn(np.array([2.0, 4.0]))(1)) == 4  # integral floats are accepted
+
+
 def _brute_force_stages(phi, samples, stages, multiple, lo, hi):
     """Minimum of sum phi/b over all schedules with <= `stages` constant stages of multiples."""
     steps = len(phi)

@@ -1,16 +1,13 @@
-"""Schedule families, integer rounding to an exact budget, a differentiable free-form
-parametrisation, and export (a step -> batch-size callable, compression to a few stages).
+"""Baseline schedule families (constant, linear ramp, step doubling), integer rounding to an exact
+budget, and the step -> batch-size callable (``schedule_fn``).
 
-Every schedule here meets its sample budget ``sum_k b_k = samples`` exactly (integers) or by
-construction (the real-valued free form), within ``min_batch <= b_k <= max_batch``. The jitted
-functions take ``steps`` as a static Python int (it is a shape) and everything else as array
-leaves, so sweeping ``samples``, the bounds or a family parameter never recompiles.
-``compress_stages`` is an export tool written in NumPy (not jitted).
+Every schedule here meets its sample budget ``sum_k b_k = samples`` exactly, within
+``min_batch <= b_k <= max_batch``. The jitted functions take ``steps`` as a static Python int (it
+is a shape) and everything else as array leaves, so sweeping ``samples``, the bounds or a family
+parameter never recompiles.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -26,6 +23,7 @@ from .._control.allocation import (
     _scale_clip,
 )
 from .._types import Array, ArrayLike, Float, Int, ScalarLike
+from .batch_schedule import BatchSchedule
 
 __all__ = [
     "constant_schedule",
@@ -212,30 +210,24 @@ def step_doubling(
 
 
 # --------------------------------------------------------------------------------------------
-# export: a schedule callable
+# a schedule callable
 # --------------------------------------------------------------------------------------------
-def schedule_fn(batch_sizes: Int[ArrayLike, " steps"]) -> Callable[[Int[ArrayLike, ""]], Array]:
-    """Wrap per-step batch sizes as an optax-style schedule: a plain function
-    ``step -> batch size`` (a 0-d integer array) over a fixed table.
+def schedule_fn(batch_sizes: Int[ArrayLike, " steps"]) -> BatchSchedule:
+    """Wrap per-step batch sizes as an optax-style schedule ``step -> batch size``.
 
-    It can be called inside ``jax.jit``/``lax.scan`` with a traced integer step, or jitted
-    itself. Steps past the end return the last batch size, negative steps the first.
+    The result is a :class:`BatchSchedule`: callable with a (possibly traced) integer step inside
+    ``jax.jit``/``lax.scan``, returning a 0-d integer array; steps past the end give the last batch
+    size, negative steps the first. It is a pytree, so passing it to a jitted function and then
+    passing another table of the same length does not recompile.
+
+    Args:
+        batch_sizes: ``(steps,)`` integer batch sizes (integral floats are converted).
+
+    Returns:
+        The :class:`BatchSchedule` over this table.
 
     Raises:
-        ValueError: ``batch_sizes`` not a non-empty 1-D array, or non-integral values.
+        ValueError: naming ``batch_sizes``, when it is not a non-empty 1-D array, has
+            non-integral values, or has a value ``<= 0``.
     """
-    b = jnp.asarray(batch_sizes)
-    if b.ndim != 1 or b.shape[0] < 1:
-        raise ValueError(f"batch_sizes: must be a 1-D array of shape (steps,), got {b.shape}")
-    if not jnp.issubdtype(b.dtype, jnp.integer):
-        if not _is_tracer(b) and not np.all(np.asarray(b) == np.round(np.asarray(b))):
-            raise ValueError("batch_sizes: must be integers")
-        b = jnp.round(b).astype(jnp.result_type(int))
-    last = b.shape[0] - 1
-
-    def schedule(step):
-        return b[jnp.clip(jnp.asarray(step), 0, last)]
-
-    return schedule
-
-
+    return BatchSchedule(batch_sizes)
