@@ -26,3 +26,51 @@ def trace_counter(monkeypatch):
         monkeypatch.setattr(module, name, wrapper)
 
     return watch, counts
+
+
+# ------------------------------------------------------------------------------------------------
+# shared problem builders (small shapes, so that tests share compiled functions)
+
+
+def random_gaussian(d, seed, noise_var=0.5):
+    """Gaussian linear regression with a random rotation and eigenvalues in [0.05, 2]."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jaxsched as js
+
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    lam = np.exp(rng.uniform(np.log(0.05), np.log(2.0), size=d))
+    cov = (Q * lam) @ Q.T
+    return js.GaussianLinearRegression(
+        jnp.asarray(0.5 * (cov + cov.T)), rng.normal(size=d), rng.normal(size=d), noise_var
+    )
+
+
+def random_data(n, d, seed, replace=True):
+    """Least squares on ``n`` random examples (features standard normal, targets noisy linear)."""
+    import numpy as np
+
+    import jaxsched as js
+
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    y = X @ rng.normal(size=d) + 0.5 * rng.normal(size=n)
+    return js.LinearRegressionData(X, y, rng.normal(size=d), replace=replace)
+
+
+def nonquadratic_problem():
+    """A 2-d non-quadratic loss with a state-dependent Sigma (docs/theory.md §4's check)."""
+    import jax.numpy as jnp
+
+    import jaxsched as js
+
+    def loss(x):
+        return jnp.log(jnp.cosh(x[0] - 1.0)) + 0.5 * x[1] ** 2 + 0.3 * jnp.sin(x[0]) * x[1] ** 2
+
+    def noise_cov(x):
+        g = jnp.array([jnp.tanh(x[0]), x[1]])
+        return 0.5 * jnp.eye(2) + jnp.outer(g, g)
+
+    return js.Problem(loss, noise_cov, jnp.array([2.5, -1.0]))

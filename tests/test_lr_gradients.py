@@ -1,0 +1,88 @@
+"""Reverse-mode gradients in the learning rate equal central differences (issue: they were wrong
+by 60 orders of magnitude while the horizon and the jump times were ``lr * k``; the ODEs now run
+in step units, docs/theory.md §8).
+
+Tolerance 1e-5 relative: the solves run at rtol 1e-12, so the adaptive solver's step-size
+changes between ``lr +- eps`` perturb the central difference by about ``1e-12 / eps = 1e-8``
+relative, and its truncation error is ``O(eps^2) ~ 1e-8``; both are far below 1e-5, while the
+old bug gave errors of order 1.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxsched as js
+from conftest import nonquadratic_problem, random_data, random_gaussian
+
+STEPS = 20
+LR = 0.05
+EPS = 1e-4
+TOL = dict(rtol=1e-12, atol=1e-14)
+PROBLEMS = {
+    "gaussian": lambda: random_gaussian(3, 7),
+    "data": lambda: random_data(40, 3, 3),
+    "nonquadratic": nonquadratic_problem,
+}
+# Every method that applies to the problem (the eigenbasis method only for quadratic problems).
+METHODS = {"gaussian": ["dense", "eigen"], "data": ["dense", "eigen"], "nonquadratic": ["dense"]}
+
+
+def central(f, x, eps=EPS):
+    return (f(x + eps) - f(x - eps)) / (2 * eps)
+
+
+def check(f):
+    g = jax.grad(f)(jnp.asarray(LR))
+    fd = central(f, LR)
+    np.testing.assert_allclose(g, fd, rtol=1e-5)
+    assert abs(float(g)) > 0  # a gradient that vanished identically would pass trivially
+
+
+@pytest.fixture(scope="module", params=sorted(PROBLEMS))
+def problem(request):
+    return request.param, PROBLEMS[request.param]()
+
+
+def test_expected_loss(problem):
+    _, p = problem
+    b = jnp.linspace(2.0, 9.0, STEPS)
+    check(lambda h: js.expected_loss(p, b, lr=h, **TOL))
+
+
+def test_sensitivity_and_first_order_parts(problem):
+    name, p = problem
+    b = jnp.linspace(2.0, 9.0, STEPS)
+    for method in METHODS[name]:
+        check(lambda h, m=method: jnp.sum(js.sensitivity(p, lr=h, steps=STEPS, method=m, **TOL)))
+
+        def predicted(h, m=method):
+            parts = js.first_order_parts(p, lr=h, steps=STEPS, method=m, **TOL)
+            return parts.base_loss + h * (parts.correction + jnp.sum(parts.phi / b))
+
+        check(predicted)
+
+
+def test_optimal_schedule_predicted_loss(problem):
+    _, p = problem
+    kw = dict(steps=STEPS, samples=10 * STEPS, **TOL)
+    # The integer schedule is piecewise constant in lr; the check is only meaningful where it does
+    # not jump between lr - eps and lr + eps, so that is asserted first.
+    b_lo = js.optimal_schedule(p, lr=LR - EPS, **kw).batch_sizes
+    b_hi = js.optimal_schedule(p, lr=LR + EPS, **kw).batch_sizes
+    np.testing.assert_array_equal(b_lo, b_hi)
+    check(lambda h: js.optimal_schedule(p, lr=h, **kw).predicted_loss)
+
+
+def test_momentum_and_lr_schedule_gradients():
+    p = random_gaussian(3, 7)
+    b = jnp.linspace(2.0, 9.0, STEPS)
+    decay = jnp.linspace(1.0, 0.3, STEPS)
+
+    def loss(mu, scale):
+        return js.expected_loss(p, b, optimizer=js.SGD(LR * scale * decay, momentum=mu), **TOL)
+
+    g_mu, g_scale = jax.grad(loss, argnums=(0, 1))(jnp.asarray(0.5), jnp.asarray(1.0))
+    np.testing.assert_allclose(g_mu, central(lambda m: loss(m, 1.0), 0.5), rtol=1e-5)
+    np.testing.assert_allclose(g_scale, central(lambda s: loss(0.5, s), 1.0), rtol=1e-5)
