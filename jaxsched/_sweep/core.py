@@ -39,7 +39,9 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from .._control import optimal as ctl
-from .._expansion import eigen as eig, moments as ex
+from .._expansion import _common as cm, adjoint as adj, eigen as eig
+from .._misc import check_steps
+from .._optimizer import SGD
 from .._problem.base import AbstractProblem
 from .._problem.exact import exact_expected_loss, exact_gd_loss
 from .._problem.linear import DiagonalGaussianRegression, GaussianLinearRegression, LinearRegressionData
@@ -71,16 +73,16 @@ def _first_order(problem, lr, steps: int, s: Settings, rtol, atol):
     """``(parts, solver_result, lam_max)`` of one configuration: the first-order parts (theory 4),
     the ODE solver's result code (0 on the eigen path) and the largest Hessian eigenvalue at ``x0``
     (gradient descent diverges where ``lr * lam_max >= 2``, the rule of ``jaxsched optimize``)."""
+    units = cm.step_units(SGD(lr), steps, problem.x0.dtype)
     if s.path == "eigen":
-        parts = eig._eigen_parts(problem, lr, steps, s.nodes, s.batch)
-        lam_max = jnp.max(eig._eigen_form(problem).lam)  # the same eigh: XLA computes it once
+        parts = eig.eigen_parts(problem, units, steps, s.nodes, s.batch)
+        lam_max = jnp.max(problem.eigen_form().lam)  # the same eigh: XLA computes it once
         return parts, jnp.asarray(0), lam_max
-    parts, result = ex.first_order_solves(
-        problem, lr, rtol, atol, s.solver, steps, s.max_steps, throw=False
-    )
+    parts = adj.first_order_solves(problem, units, rtol, atol, s.solver, steps, s.max_steps,
+                                   throw=False)
     hess = problem.hessian(problem.x0)
     lam_max = jnp.linalg.eigvalsh(0.5 * (hess + hess.T))[-1]
-    return parts, jnp.asarray(result), lam_max
+    return parts, parts.result._value, lam_max
 
 
 def _exact_losses(problem, b, constant, lr, steps, path):
@@ -101,9 +103,8 @@ def _exact_losses(problem, b, constant, lr, steps, path):
 
 def _batch_cap(problem, hi):
     """``hi`` capped at the number of examples when the problem samples without replacement."""
-    if isinstance(problem, LinearRegressionData) and not problem.replace:
-        return jnp.minimum(hi, problem.num_examples)
-    return hi
+    cap = problem.batch_cap()
+    return hi if cap is None else jnp.minimum(hi, cap)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,18 +150,17 @@ def _one_config(builder, shared, cfg, rtol, atol, s: Settings) -> SweepOutputs:
         & jnp.isfinite(parts.correction)
     )
     phi_ok = solver_ok & finite
-    parts = ex.FirstOrderParts(
-        phi=jnp.where(phi_ok, parts.phi, 1.0),
-        base_loss=jnp.where(phi_ok, parts.base_loss, 0.0),
-        correction=jnp.where(phi_ok, parts.correction, 0.0),
-        x_final=parts.x_final,
-    )
+    parts = eqx.tree_at(
+        lambda q: (q.phi, q.base_loss, q.correction), parts,
+        (jnp.where(phi_ok, parts.phi, 1.0), jnp.where(phi_ok, parts.base_loss, 0.0),
+         jnp.where(phi_ok, parts.correction, 0.0)))
     # Same allocation as optimal_schedule(method="closed_form"): relaxed and exact integer optima.
     # It is piecewise constant in phi (zero gradient); stopping the gradient keeps the integer
     # loops out of reverse mode, so derivatives of the losses hold the schedule fixed (for the
     # relaxed optimum that is the envelope theorem).
-    beta, b = ctl._first_order_allocation(problem, jax.lax.stop_gradient(parts), samples, lo, hi)
-    res = ctl._finish(problem, parts, lr, beta, b, samples, 0, "closed_form")
+    budget = ctl._Budget(samples=samples, lo=lo, hi=hi, floor=jnp.full(steps, lo))
+    beta, b = ctl._first_order_allocation(problem, jax.lax.stop_gradient(parts), budget)
+    res = ctl._finish(problem, parts, budget, beta, b, 0, "closed_form")
     constant_loss = res.base_loss + lr * (res.correction + res.constant_objective)
     noisy = res.objective > 0
     gain = res.constant_objective / jnp.where(noisy, res.objective, 1.0)
@@ -283,7 +283,7 @@ def split_problem(problem):
 
 
 def settings_for(probe, *, steps, path, exact, nodes, rtol, atol, solver, max_steps):
-    steps = ex.check_steps(steps)
+    steps = check_steps(steps)
     path = _resolve_path(probe, path)
     quadratic = bool(probe.is_quadratic)
     if exact is None:
@@ -293,13 +293,13 @@ def settings_for(probe, *, steps, path, exact, nodes, rtol, atol, solver, max_st
             f"exact: exact losses need a quadratic problem, got {type(probe).__name__}"
         )
     if max_steps is None:
-        max_steps = ex._max_steps(steps)
+        max_steps = cm.max_solver_steps(steps)
     elif isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < 1:
         raise ValueError(f"max_steps: must be a Python int >= 1, got {max_steps!r}")
     dtype = probe.x0.dtype
-    rtol, atol = ex._tolerances(dtype, rtol, atol)
+    rtol, atol = cm.tolerances(dtype, rtol, atol)
     settings = Settings(steps, path, bool(exact), eig._check_nodes(nodes), int(max_steps),
-                         ex._default_solver(solver))
+                         cm.default_solver(solver))
     return settings, rtol, atol
 
 
