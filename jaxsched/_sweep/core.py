@@ -44,7 +44,7 @@ from .._misc import check_steps
 from .._optimizer import SGD
 from .._problem.base import AbstractProblem
 from .._problem.exact import exact_expected_loss, exact_gd_loss
-from .._problem.linear import DiagonalGaussianRegression, GaussianLinearRegression, LinearRegressionData
+from .._problem.linear import DiagonalGaussianRegression, GaussianLinearRegression
 from .results import SweepOutputs
 from .status import RESULT_OF_STATUS, SweepStatus
 
