@@ -13,9 +13,14 @@ import contextlib
 import csv
 import io
 import json
+import os
+import re
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -24,15 +29,25 @@ import pytest
 
 import jaxsched as js
 from jaxsched import cli
+from jaxsched.cli import _common, optimize as opt_cli
 
 # The diabetes runs use the true defaults (400 steps, 3200 samples): compiling costs the same as for
 # a small case, and it makes the default job itself tested. Other problems use SMALL.
-STEPS, SAMPLES, LR = cli.DEFAULT_STEPS, cli.DEFAULT_SAMPLES, cli.DEFAULT_LR
+STEPS, SAMPLES, LR = opt_cli.DEFAULT_STEPS, opt_cli.DEFAULT_SAMPLES, opt_cli.DEFAULT_LR
 SMALL_STEPS, SMALL_SAMPLES = 40, 320
 SMALL = ["--steps", str(SMALL_STEPS), "--samples", str(SMALL_SAMPLES)]
 NAMES = ("optimal", "constant", "linear_ramp", "step_doubling")
 GAUSS = ["--dataset", "gaussian", "--dim", "3", "--spectrum", "power", "--condition", "10", "--noise", "0.2"]
 FILES = {"schedule.json", "schedule.csv", "schedule.png"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_user_cache():
+    """In-process runs never touch the user's compilation cache (tests that check the cache give
+    the subprocess its own folder)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(_common.CACHE_ENV, "1")
+        yield
 
 
 def run(capsys, out: Path, *args: str):
@@ -67,8 +82,9 @@ def gaussian(tmp_path_factory):
     """The Gaussian problem with the gradient method: one run covers both option families (the
     gradient core compiles the first-order parts too; a closed-form run would compile them again)."""
     out = tmp_path_factory.mktemp("gaussian")
-    args = ["optimize", "--out", str(out), *SMALL, *GAUSS, "--method", "gradient", "--quiet"]
-    assert cli.main(args) == 0
+    args = ["optimize", "--out", str(out), *SMALL, *GAUSS, "--method", "gradient"]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert cli.main(args) == 0
     return json.loads((out / "schedule.json").read_text())
 
 
@@ -250,6 +266,8 @@ def test_console_script_no_x64(tmp_path):
     script = str(script) if script.exists() else shutil.which("jaxsched")
     assert script, "the console script is missing: install the package (pip install .)"
     out = tmp_path / "f32"
+    cache = tmp_path / "xdg"
+    env = {k: v for k, v in os.environ.items() if k not in (_common.CACHE_ENV, "JAX_COMPILATION_CACHE_DIR")}
     proc = subprocess.run(
         [script, "optimize", "--out", str(out), *SMALL, "--no-x64"],
         check=False,
@@ -257,8 +275,12 @@ def test_console_script_no_x64(tmp_path):
         text=True,
         timeout=600,
         cwd=tmp_path,
+        env={**env, "XDG_CACHE_HOME": str(cache)},
     )
     assert proc.returncode == 0, proc.stderr
+    # The persistent compilation cache went to the user cache folder (issue 11.1b).
+    if sys.platform.startswith("linux"):
+        assert any((cache / "jaxsched").iterdir())
     assert "float32" in proc.stdout
     assert {p.name for p in out.iterdir()} == FILES
     data = json.loads((out / "schedule.json").read_text())
@@ -313,6 +335,10 @@ BAD_ARGS = {
     "samples_zero": (["--steps", "10", "--samples", "0"], "--samples"),
     "samples_below_steps": (["--steps", "40", "--samples", "39"], "--samples"),
     "samples_above_max": (SMALL + ["--max-batch", "7"], "--samples"),
+    "samples_fraction": (["--samples", "100.5"], "--samples"),  # refused, not truncated (13.13)
+    "steps_fraction": (["--steps", "40.5"], "--steps"),
+    "max_iter_closed_form": (SMALL + ["--max-iter", "5"], "--max-iter"),
+    "max_iter_zero": (SMALL + ["--method", "exact", "--max-iter", "0"], "--max-iter"),
     "min_batch_zero": (SMALL + ["--min-batch", "0"], "--min-batch"),
     "max_below_min": (SMALL + ["--min-batch", "5", "--max-batch", "4"], "--max-batch"),
     "method": (SMALL + ["--method", "newton"], "--method"),
@@ -400,14 +426,231 @@ def test_failed_write_leaves_nothing_half_written(capsys, tmp_path, monkeypatch,
         raise OSError(28, "No space left on device")
 
     # The JSON and CSV are written first; the PNG fails: nothing may be renamed into place.
-    monkeypatch.setattr(cli, "_write_png", disk_full)
+    monkeypatch.setattr(opt_cli, "write_png", disk_full)
     out = tmp_path / "out"
     check_refused(capsys, cli.main(["optimize", "--out", str(out), "--quiet"]), "--out")
-    assert list(out.iterdir()) == []  # temporaries removed, no partial results
+    assert not out.exists()  # temporaries removed, and the folder this run created too (13.13)
 
 
 def test_sweep_hook_is_optional():
     # The parser builds with or without the sweep module; "optimize" is always there.
     parser = cli._build_parser()
     args = parser.parse_args(["optimize"])
-    assert args.func is cli._run_optimize
+    assert args.func is opt_cli.run
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 13: divergent "optimal" schedules, overflow, messages, leftovers, iteration cap
+# ------------------------------------------------------------------------------------------------
+# A number in %g style has at most ~12 characters ("-1.23457e+109"); the old table printed
+# 110-digit numbers.
+LONG_NUMBER = re.compile(r"\d[\d.]{14,}")
+
+
+def test_report_numbers_print_in_g_style(diabetes):
+    _, data, out, _ = diabetes
+    assert not LONG_NUMBER.search(out), out
+    # The table shows the exact loss of the optimum to 6 significant digits, %g style.
+    assert f"{data['schedules']['optimal']['exact_loss']:.6g}" in out
+
+
+def test_unstable_optimum_is_not_presented_as_optimal(capsys, tmp_path):
+    # lr 0.3 on diabetes (issue 13.3): the first-order optimum puts batches of 1 where exact SGD is
+    # mean-square unstable. Same shapes as the default run: no new compile.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "schedule.json").write_text("earlier result")
+    code = cli.main(["optimize", "--out", str(out), "--lr", "0.3", "--quiet"])
+    captured = capsys.readouterr()
+    assert code == opt_cli.EXIT_NOT_BETTER == 3
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jaxsched optimize: ")
+    assert "--lr" in lines[0] and "--min-batch" in lines[0]  # what to change
+    assert not LONG_NUMBER.search(lines[0]), lines[0]
+    # The claim of the message, checked independently with the exact recursion: the first-order
+    # optimum at this lr is worse than the constant batch.
+    problem = js.datasets.diabetes_problem()
+    opt = js.optimal_schedule(problem, lr=0.3, steps=STEPS, samples=SAMPLES, max_batch=SAMPLES)
+    const = js.constant_schedule(STEPS, SAMPLES)
+    assert float(js.exact_expected_loss(problem, opt.batch_sizes, lr=0.3)) > float(
+        js.exact_expected_loss(problem, const, lr=0.3)
+    )
+    assert [p.name for p in out.iterdir()] == ["schedule.json"]  # nothing misleading written
+    assert (out / "schedule.json").read_text() == "earlier result"
+
+
+def test_overflowing_loss_is_refused_without_traceback(capsys, tmp_path):
+    # lr 0.49 (issue 13.4): gradient descent converges (lr * lam_max < 2) but exact SGD's expected
+    # loss grows past 1e90 for every schedule of this budget: one line naming --lr, no folder.
+    out = tmp_path / "out"
+    line = check_refused(capsys, cli.main(["optimize", "--out", str(out), "--lr", "0.49", "--quiet"]), "--lr")
+    assert "diverges" in line and not LONG_NUMBER.search(line)
+    assert not out.exists()
+    problem = js.datasets.diabetes_problem()
+    const = js.constant_schedule(STEPS, SAMPLES)
+    f0 = float(js.exact_loss_trajectory(problem, const, lr=0.49)[0])
+    assert float(js.exact_expected_loss(problem, const, lr=0.49)) > f0  # the message's claim
+
+
+def test_stale_temporaries_are_removed(capsys, tmp_path):
+    # A run killed (SIGKILL) in its write phase leaves hidden temporaries; the next run removes them
+    # and leaves other files alone.
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [out / ".schedule.json.k2j3h4.tmp", out / ".schedule.png.abc_9.tmp"]
+    for p in stale:
+        p.write_text("partial")
+    (out / "notes.txt").write_text("mine")
+    code, _, _, _ = run(capsys, out, "--quiet")
+    assert code == 0
+    assert {p.name for p in out.iterdir()} == FILES | {"notes.txt"}
+
+
+def test_iteration_cap_is_reported(capsys, tmp_path, gaussian):
+    # The gaussian fixture's problem and method with a cap of 2 L-BFGS iterations (an array leaf:
+    # no new compile): the optimiser cannot meet its tolerance, and the report and the JSON say so
+    # (issue 13.13). The uncapped run converged before its cap and says that instead.
+    assert not gaussian["stopped_at_iteration_cap"]
+    assert 2 < gaussian["iterations"] < gaussian["max_iter"]
+    code, out, _, data = run(capsys, tmp_path, *SMALL, *GAUSS, "--method", "gradient", "--max-iter", "2")
+    assert code == 0
+    assert data["iterations"] == 2 and data["max_iter"] == 2 and data["stopped_at_iteration_cap"]
+    assert "iteration cap" in out and "--max-iter" in out
+
+
+def test_library_runtime_error_is_one_clean_line(capsys, tmp_path, monkeypatch):
+    # A library check raised under jit arrives as XLA's "INTERNAL: CpuCallback error ..." with
+    # equinox's explanation: the CLI prints only the library's message (issue 13.11).
+    import equinox as eqx
+
+    @eqx.filter_jit
+    def refuse(problem, **kwargs):
+        return eqx.error_if(problem.x0, True, "nonfinite: the sensitivity phi is not finite")
+
+    monkeypatch.setattr(js, "optimal_schedule", refuse)
+    out = tmp_path / "out"
+    line = check_refused(capsys, cli.main(["optimize", "--out", str(out), *SMALL, "--quiet"]), "--lr")
+    assert "the sensitivity phi is not finite" in line
+    assert "INTERNAL" not in line and "CpuCallback" not in line and "Traceback" not in line
+    assert not out.exists()
+
+
+def test_library_message_unwraps_xla_errors():
+    wrapped = RuntimeError(
+        "INTERNAL: CpuCallback error calling callback: Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\n'
+        "equinox._errors._EquinoxRuntimeError: lr: must be > 0\n\n--------------------\n"
+        "An error occurred during the runtime of your JAX program!"
+    )
+    assert _common.library_message(wrapped) == "lr: must be > 0"
+    assert _common.library_message(RuntimeError("INTERNAL: CpuCallback error: boom")) == "boom"
+
+
+def test_x64_restored_for_every_command(tmp_path):
+    # main() sets jax_enable_x64 for whichever command runs (sweep: float64) and restores it.
+    # Checked with commands that stop at an input error, so that nothing is compiled in float32.
+    jax.config.update("jax_enable_x64", False)
+    try:
+        assert cli.main(["sweep", str(tmp_path / "missing.toml")]) == 2
+        assert not jax.config.read("jax_enable_x64")
+    finally:
+        jax.config.update("jax_enable_x64", True)
+    assert cli.main(["optimize", "--no-x64", "--lr", "-1"]) == 2
+    assert jax.config.read("jax_enable_x64")
+
+
+def test_cache_switches(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    if sys.platform.startswith("linux"):
+        assert _common.cache_folder() == str(tmp_path / "xdg" / "jaxsched")
+    for value, disabled in (("1", True), ("yes", True), ("0", False), ("", False)):
+        monkeypatch.setenv(_common.CACHE_ENV, value)
+        assert _common.cache_disabled_by_env() is disabled
+    with _common.compilation_cache(False) as folder:
+        assert folder is None
+    before = jax.config.jax_compilation_cache_dir
+    with _common.compilation_cache(True) as folder:
+        assert jax.config.jax_compilation_cache_dir == folder
+    assert jax.config.jax_compilation_cache_dir == before  # restored
+    help_text = cli._build_parser()._subparsers._group_actions[0].choices["optimize"].format_help()
+    assert "--no-cache" in help_text and _common.CACHE_ENV in help_text
+
+
+# ------------------------------------------------------------------------------------------------
+# SIGINT (issue 13.9): exit 130, one line, old outputs byte-identical
+# ------------------------------------------------------------------------------------------------
+def _console_script() -> str:
+    script = Path(sys.executable).with_name("jaxsched")
+    script = str(script) if script.exists() else shutil.which("jaxsched")
+    assert script, "the console script is missing: install the package (pip install .)"
+    return script
+
+
+def _old_outputs(out: Path) -> dict:
+    out.mkdir()
+    for name in FILES:
+        (out / name).write_bytes(f"old {name}".encode())
+    return {name: (out / name).read_bytes() for name in FILES}
+
+
+def _interrupt(tmp_path: Path, *, after_seconds: float = 0.0, after_text: str | None = None):
+    """Start ``jaxsched optimize`` into a folder of old outputs and send SIGINT ``after_seconds``
+    after the start or once stderr shows ``after_text``; returns (returncode, stderr, old, out)."""
+    out = tmp_path / "out"
+    old = _old_outputs(out)
+    env = {**os.environ, _common.CACHE_ENV: "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [_console_script(), "optimize", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env=env,
+    )
+    err = b""
+    if after_text is not None:
+        os.set_blocking(proc.stderr.fileno(), False)
+        while after_text.encode() not in err:
+            assert proc.poll() is None, err.decode(errors="replace")
+            select.select([proc.stderr], [], [], 1.0)
+            err += proc.stderr.read() or b""
+    else:
+        time.sleep(after_seconds)
+    proc.send_signal(signal.SIGINT)
+    rest_out, rest_err = proc.communicate(timeout=120)
+    os.set_blocking(proc.stderr.fileno(), True) if not proc.stderr.closed else None
+    return proc.returncode, (err + rest_err).decode(errors="replace"), old, out
+
+
+def _messages(stderr: str) -> list[str]:
+    # tqdm redraws its bar with carriage returns (which splitlines splits on); the bar's own
+    # fragments contain "phases".
+    return [ln.strip() for ln in stderr.splitlines() if ln.strip() and "phases" not in ln]
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        pytest.param({"after_text": "optimal schedule"}, id="compiling"),
+        pytest.param({"after_text": "predicted and exact"}, id="exact-losses"),
+    ],
+)
+def test_sigint_exits_130_and_keeps_old_outputs(tmp_path, moment):
+    code, err, old, out = _interrupt(tmp_path, **moment)
+    assert code == 130, err
+    assert _messages(err) == ["jaxsched optimize: interrupted; existing outputs were left as they were"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old  # byte-identical, no temporaries
+
+
+@pytest.mark.xfail(
+    reason="before main() runs (Python importing jax and jaxsched, about the first 2 s) SIGINT meets "
+    "Python's default handler: a traceback and exit -2, or the interrupt is swallowed by jax's gc "
+    "callback and the run completes; needs the console script to install the handler before "
+    "importing jaxsched (see the CLI report)",
+    strict=False,
+)
+def test_sigint_during_the_first_second(tmp_path):
+    code, err, old, out = _interrupt(tmp_path, after_seconds=0.3)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+    assert code == 130, err
+    assert _messages(err) == ["jaxsched optimize: interrupted; existing outputs were left as they were"]
