@@ -1,6 +1,7 @@
 """The ``jaxsched`` command line: ``main()`` and the static registration of its subcommands.
 
-``optimize`` lives in :mod:`jaxsched.cli.optimize`, ``sweep`` in :mod:`jaxsched.cli.sweep`; each
+``optimize`` lives in :mod:`jaxsched.cli.optimize`, ``sweep`` in :mod:`jaxsched.cli.sweep`, ``export`` in
+:mod:`jaxsched.cli.export`; each
 module's ``add_parser(subparsers)`` registers its subparser with ``set_defaults(func=handler)``. A
 handler takes the parsed namespace (and, when it accepts a second argument, the run's SIGINT guard)
 and returns an exit code (``None`` means 0). For every command ``main`` sets ``jax_enable_x64``
@@ -16,7 +17,7 @@ import inspect
 import sys
 from collections.abc import Sequence
 
-from . import optimize as _optimize, sweep as _sweep
+from . import export as _export, optimize as _optimize, sweep as _sweep
 from ._common import (
     EXIT_INTERRUPTED,
     EXIT_USAGE,
@@ -45,7 +46,7 @@ def _build_parser() -> Parser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
-    for module in (_optimize, _sweep):
+    for module in (_optimize, _sweep, _export):
         command = module.add_parser(sub)
         command.add_argument("--no-cache", action="store_true", help=_NO_CACHE_HELP)
     return parser
