@@ -81,6 +81,151 @@ def load_config(path: str) -> dict[str, Any]:
     raise ValueError(f"config: expected a .toml or .json file, got {path!r}")
 
 
+# ------------------------------------------------------------------------------------------------
+# schema: every key, its type and range; one line naming the key for anything else
+
+_PROBLEM_KEYS = {
+    "gaussian": ("kind", "eigenvalues", "dim", "decay", "v0", "noise_var"),
+    "diabetes": ("kind", "replace", "subset_size"),
+    "npz": ("kind", "file", "standardise", "replace", "subset_size"),
+}
+_RANGE_KEYS = ("start", "stop", "num", "scale", "round")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
+def _want_table(key: str, v) -> dict:
+    if not isinstance(v, dict):
+        raise ValueError(f"{key}: expected a table, got {type(v).__name__} {v!r}")
+    return v
+
+
+def _want_int(key: str, v, lo: int = 1) -> int:
+    if not _is_number(v) or float(v) != int(v) or int(v) < lo:
+        raise ValueError(f"{key}: expected an integer >= {lo}, got {v!r}")
+    return int(v)
+
+
+def _want_number(key: str, v, lo: float | None = None) -> float:
+    if not _is_number(v) or (lo is not None and v < lo):
+        bound = "" if lo is None else f" >= {lo:g}"
+        raise ValueError(f"{key}: expected a finite number{bound}, got {v!r}")
+    return float(v)
+
+
+def _want_bool(key: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"{key}: expected true or false, got {v!r}")
+    return v
+
+
+def _want_str(key: str, v, choices=None) -> str:
+    if not isinstance(v, str) or (choices is not None and v not in choices):
+        allowed = "" if choices is None else f" (one of {', '.join(map(repr, choices))})"
+        raise ValueError(f"{key}: expected a string{allowed}, got {v!r}")
+    return v
+
+
+def _no_unknown(section: str, table: dict, allowed) -> None:
+    for k in table:
+        if k not in allowed:
+            raise ValueError(f"{section}.{k}: unknown key (allowed: {', '.join(allowed)})")
+
+
+def _check_problem(spec) -> None:
+    spec = _want_table("problem", spec)
+    kind = spec.get("kind")
+    if kind not in _PROBLEM_KEYS:
+        raise ValueError(f"problem.kind: must be one of {sorted(_PROBLEM_KEYS)}, got {kind!r}")
+    _no_unknown("problem", spec, _PROBLEM_KEYS[kind])
+    for k, v in spec.items():
+        key = f"problem.{k}"
+        if k in ("dim", "subset_size"):
+            _want_int(key, v, 1 if k == "dim" else 2)
+        elif k in ("decay",):
+            _want_number(key, v)
+        elif k == "noise_var":
+            _want_number(key, v, 0.0)
+        elif k in ("replace", "standardise"):
+            _want_bool(key, v)
+        elif k == "file":
+            _want_str(key, v)
+        elif k in ("eigenvalues", "v0"):
+            values = v if isinstance(v, list) else [v]
+            if k == "eigenvalues" and not isinstance(v, list):
+                raise ValueError(f"{key}: expected a list of numbers > 0, got {v!r}")
+            if not values or not all(_is_number(x) for x in values):
+                raise ValueError(f"{key}: expected a number or a non-empty list of numbers, got {v!r}")
+
+
+def _check_axis(name: str, spec) -> None:
+    key = f"grid.{name}"
+    if isinstance(spec, dict):
+        _no_unknown(key, spec, _RANGE_KEYS)
+        for k in ("start", "stop", "num"):
+            if k not in spec:
+                raise ValueError(f"{key}.{k}: a range needs start, stop and num")
+        _want_number(f"{key}.start", spec["start"])
+        _want_number(f"{key}.stop", spec["stop"])
+        _want_int(f"{key}.num", spec["num"])
+        if "scale" in spec:
+            _want_str(f"{key}.scale", spec["scale"], ("linear", "log"))
+        if "round" in spec:
+            _want_bool(f"{key}.round", spec["round"])
+        return
+    values = spec if isinstance(spec, list) else [spec]
+    if not values:
+        raise ValueError(f"{key}: expected a non-empty list of numbers")
+    if name == "subset_seed" or not any(isinstance(x, list) for x in values):
+        for x in values:
+            if not _is_number(x):
+                raise ValueError(f"{key}: expected numbers or a range table, got {x!r}")
+        if name in ("samples", "min_batch", "max_batch", "steps", "subset_seed"):
+            for x in values:
+                _want_int(key, x, 0 if name == "subset_seed" else 1)
+
+
+_SWEEP_CHECKS = {
+    "steps": lambda k, v: _want_int(k, v),
+    "min_batch": lambda k, v: _want_int(k, v),
+    "max_batch": lambda k, v: _want_int(k, v),
+    "exact": _want_bool,
+    "path": lambda k, v: _want_str(k, v, ("auto", "eigen", "dense")),
+    "chunk_size": lambda k, v: _want_int(k, v),
+    "output": lambda k, v: _want_str(k, v),
+    "progress": _want_bool,
+    "nodes": lambda k, v: _want_int(k, v),
+    "overwrite": _want_bool,
+}
+
+
+def check_config(config) -> None:
+    """Validate a parsed sweep config against the schema (module docstring).
+
+    Raises:
+        ValueError: one line naming the offending key (``section.key``), for an unknown key, a
+            wrong type or an out-of-range value.
+    """
+    if not isinstance(config, dict):
+        raise ValueError(f"config: expected a table at the top level, got {type(config).__name__}")
+    _no_unknown("config", config, ("problem", "grid", "list", "sweep"))
+    if ("grid" in config) == ("list" in config):
+        raise ValueError("config: give exactly one of [grid] (a product) or [list] (columns)")
+    _check_problem(config.get("problem", {}))
+    section = "grid" if "grid" in config else "list"
+    table = _want_table(section, config[section])
+    if not table:
+        raise ValueError(f"{section}: expected a table of axes")
+    for name, spec in table.items():
+        _check_axis(name, spec)
+    opts = _want_table("sweep", config.get("sweep", {}))
+    _no_unknown("sweep", opts, tuple(_SWEEP_CHECKS))
+    for k, v in opts.items():
+        _SWEEP_CHECKS[k](f"sweep.{k}", v)
+
+
 def _axis(name: str, spec) -> np.ndarray:
     """Axis values: a list, a number, or ``{start, stop, num, scale}``."""
     if isinstance(spec, dict):
@@ -202,29 +347,28 @@ def build_problem(spec: dict, axes: dict[str, np.ndarray], base_dir: str = "."):
 
 
 def run(config: dict, *, base_dir: str = ".", output: str | None = None,
-        chunk_size: int | None = None, progress: bool | None = None, out=None):
-    """Run the sweep described by ``config`` (the parsed file); returns the SweepResult."""
+        chunk_size: int | None = None, progress: bool | None = None, overwrite: bool = False,
+        out=None):
+    """Run the sweep described by ``config`` (the parsed file) and, with an output folder, write
+    its pictures there (``gain.png``, ``first_batch.png``, ``last_batch.png``).
+
+    Returns:
+        The :class:`jaxsched.SweepResult`.
+
+    Raises:
+        ValueError: one line naming the key of the config (or the argument) that is wrong.
+    """
     import jax
 
     jax.config.update("jax_enable_x64", True)  # tolerances of the solvers assume float64
     import jaxsched as js
 
     out = sys.stdout if out is None else out
-    unknown = set(config) - {"problem", "grid", "list", "sweep"}
-    if unknown:
-        raise ValueError(f"config: unknown sections {sorted(unknown)}")
-    if ("grid" in config) == ("list" in config):
-        raise ValueError("config: give exactly one of [grid] (a product) or [list] (columns)")
+    check_config(config)
     table = config.get("grid", config.get("list"))
-    if not isinstance(table, dict) or not table:
-        raise ValueError("grid: expected a table of axes")
     axes = {k: _axis(k, v) for k, v in table.items()}
     problem, axes = build_problem(config.get("problem", {}), axes, base_dir)
     opts = dict(config.get("sweep", {}))
-    known = {"steps", "min_batch", "max_batch", "exact", "path", "chunk_size", "output",
-             "progress", "nodes"}
-    if set(opts) - known:
-        raise ValueError(f"sweep: unknown keys {sorted(set(opts) - known)}")
     if "grid" in config:
         configs = js.grid(**axes)
     else:
@@ -246,16 +390,29 @@ def run(config: dict, *, base_dir: str = ".", output: str | None = None,
         path=opts.get("path", "auto"),
         exact=opts.get("exact"),
         nodes=int(opts.get("nodes", 8)),
-        chunk_size=chunk_size if chunk_size is not None else opts.get("chunk_size"),
+        chunk_size=chunk_size if chunk_size is not None else (
+            int(opts["chunk_size"]) if "chunk_size" in opts else None),
         results_dir=folder,
         progress=progress if progress is not None else opts.get("progress"),
+        overwrite=overwrite or bool(opts.get("overwrite", False)),
     )
     elapsed = time.perf_counter() - t0
-    _summary(result, elapsed, folder, out)
+    pictures = write_pictures(result, folder) if folder is not None else []
+    _summary(result, elapsed, folder, out, pictures)
     return result
 
 
-def _summary(result, elapsed: float, folder, out) -> None:
+def write_pictures(result, folder: str) -> list[str]:
+    """Heatmaps of the gain and of the optimal schedule's first and last batch over the two widest
+    axes, written atomically into ``folder`` (nothing when no configuration succeeded)."""
+    from jaxsched._sweep.plot import write_pngs
+
+    if not result.ok.any():
+        return []
+    return write_pngs(result, folder)
+
+
+def _summary(result, elapsed: float, folder, out, pictures=()) -> None:
     n = len(result)
     ok = result.ok
     print(f"sweep: {n} configurations in {elapsed:.2f} s; {int(ok.sum())} ok, "
@@ -277,6 +434,8 @@ def _summary(result, elapsed: float, folder, out) -> None:
             print(f"  exact gain range: {eg.min():.4g} .. {eg.max():.4g}", file=out)
     if folder is not None:
         print(f"  results: {os.path.join(folder, 'results.csv')} and results.npz", file=out)
+    if pictures:
+        print("  pictures: " + ", ".join(os.path.basename(p) for p in pictures), file=out)
 
 
 def _handler(args) -> int:
@@ -288,6 +447,7 @@ def _handler(args) -> int:
             output=args.output,
             chunk_size=args.chunk_size,
             progress=False if args.no_progress else None,
+            overwrite=args.overwrite,
         )
     except (ValueError, OSError) as e:
         print(f"jaxsched sweep: error: {e}", file=sys.stderr)
@@ -306,6 +466,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--output", help="results folder (overrides [sweep].output)")
     p.add_argument("--chunk-size", type=int, help="configurations per chunk")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of another sweep in the output folder")
     p.set_defaults(func=_handler)
     return p
 
