@@ -51,7 +51,10 @@ from ._expansion.sensitivity import (
 )
 from ._optimizer import (
     SGD as SGD,
+    AbstractAdaptiveOptimizer as AbstractAdaptiveOptimizer,
     AbstractOptimizer as AbstractOptimizer,
+    Adam as Adam,
+    RMSprop as RMSprop,
     lr_schedule as lr_schedule,
 )
 from ._problem.base import (
