@@ -34,13 +34,13 @@ def diabetes_data() -> tuple[np.ndarray, np.ndarray]:
 
 
 def diabetes_problem(replace: bool = True) -> LinearRegressionData:
-    """Least squares on the standardised diabetes data with ``x0 = 0`` (theory 5.3)."""
+    """Least squares on the standardised diabetes data with ``x0 = 0`` (docs/theory.md §5.3)."""
     X, y = diabetes_data()
     return LinearRegressionData(X, y, np.zeros(X.shape[1]), replace=replace)
 
 
 # ------------------------------------------------------------------------------------------------
-# Synthetic Gaussian problems (theory 5.1)
+# Synthetic Gaussian problems (docs/theory.md §5.1)
 # ------------------------------------------------------------------------------------------------
 SPECTRA = ("geometric", "power", "flat")
 
@@ -85,7 +85,7 @@ def gaussian_problem(
     condition: float = 100.0,
     noise: float = 0.5,
 ) -> GaussianLinearRegression:
-    """Least squares with Gaussian features (theory 5.1): ``a ~ N(0, diag(lam))`` with ``lam`` from
+    """Least squares with Gaussian features (docs/theory.md §5.1): ``a ~ N(0, diag(lam))`` with ``lam`` from
     :func:`gaussian_spectrum`, ``y = a . x_star + e``, ``e ~ N(0, noise)``, ``x_star`` the vector
     with every entry ``1 / sqrt(d)`` (equal initial error in every eigendirection, ``|x_star| = 1``)
     and ``x0 = 0``. Deterministic: no random numbers are drawn.
@@ -191,7 +191,7 @@ def load_csv(path) -> tuple[np.ndarray, np.ndarray]:
 
 def csv_problem(path) -> LinearRegressionData:
     """Least squares on a CSV file (last column the target, see :func:`load_csv`), features and
-    target standardised (:func:`standardise`), ``x0 = 0``, sampling with replacement (theory 5.3).
+    target standardised (:func:`standardise`), ``x0 = 0``, sampling with replacement (docs/theory.md §5.3).
 
     Raises:
         ValueError: as :func:`load_csv`, or when the target column is constant (nothing to fit).

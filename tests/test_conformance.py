@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import nonquadratic_problem, random_data, random_gaussian
 from scipy.integrate import solve_ivp
 
 import jaxsched as js
-from conftest import nonquadratic_problem, random_data, random_gaussian
 
 
 def logistic_problem():
@@ -70,10 +70,10 @@ def test_derivatives_equal_autodiff_and_sigma_is_psd(named_problem):
         assert np.linalg.eigvalsh(S).min() >= -1e-10 * max(1.0, np.abs(S).max())
 
 
-def test_finite_data_covariance_from_per_example_gradients(named_problem):
-    name, p = named_problem
-    if not p.is_finite_data:
-        pytest.skip(f"{name} is not a finite data set")
+@pytest.mark.parametrize("name", ["data", "data_without_replacement", "logistic"])
+def test_finite_data_covariance_from_per_example_gradients(name):
+    p = PROBLEMS[name]()
+    assert p.is_finite_data
     x = jnp.asarray(np.random.default_rng(1).normal(size=p.dim))
     G = p.per_example_gradients(x, jnp.arange(p.num_examples))
     # per-example gradients by autodiff of each example's loss are independent of the closed forms

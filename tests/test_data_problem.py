@@ -296,8 +296,9 @@ def test_validation_errors():
     with pytest.raises(ValueError, match="replace"):
         DataProblem(logistic_loss, (X, y), x0, replace="no")
     p = DataProblem(logistic_loss, (X, y), x0)
-    with pytest.raises(ValueError, match="problem"):
-        sensitivity_matrix_free(js.LinearRegressionData(X, y), lr=0.1, steps=2)
+    with pytest.raises(ValueError, match="problem"):  # an online problem has no examples to push
+        sensitivity_matrix_free(js.GaussianLinearRegression(np.eye(2), np.zeros(2), np.ones(2)),
+                                lr=0.1, steps=2)
     with pytest.raises(ValueError, match="lr"):
         sensitivity_matrix_free(p, lr=-1.0, steps=2)
     with pytest.raises(ValueError, match="key"):

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import nonquadratic_problem, random_data, random_gaussian
 
 import jaxsched as js
-from conftest import nonquadratic_problem, random_data, random_gaussian
 
 STEPS = 20
 LR = 0.05

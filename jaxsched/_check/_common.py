@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._misc import _as_float_array, _is_concrete
-from .._problem.linear import GaussianLinearRegression, LinearRegressionData
 from .._types import Array, Float, Int, Scalar, Vector
 
 __all__ = ["SimulationResult"]
@@ -78,42 +77,21 @@ def _stderr(x: Array, axis: int) -> Array:
 # A problem defined by a per-sample loss and a sampler
 # ------------------------------------------------------------------------------------------------
 def _is_data_problem(problem) -> bool:
-    return isinstance(problem, LinearRegressionData) or (
-        hasattr(problem, "per_example_gradients") and hasattr(problem, "num_examples"))
+    return problem.is_finite_data
 
 
 def _is_online_problem(problem) -> bool:
-    return isinstance(problem, GaussianLinearRegression) or hasattr(problem, "sample_gradient")
+    return problem.is_online
 
 
 def _example_gradients_fn(problem) -> Callable[[Vector, Array], Array]:
-    """``(x, indices) -> (m, d)`` per-example gradients."""
-    if hasattr(problem, "per_example_gradients"):
-        return problem.per_example_gradients
-
-    def linreg(x, idx):
-        a = problem.features[idx]
-        r = a @ x - problem.targets[idx]
-        return a * r[:, None]
-
-    return linreg
+    """``(x, indices) -> (m, d)`` per-example gradients (a finite-data problem's method)."""
+    return problem.per_example_gradients
 
 
 def _online_gradient_fn(problem) -> Callable[[Vector, Array], Vector]:
-    """``(x, key) -> (d,)`` gradient of one fresh sample. Built once per trace, so the Gaussian
-    adapter factorises ``cov`` once and not per sample."""
-    if hasattr(problem, "sample_gradient"):
-        return problem.sample_gradient
-    chol = jnp.linalg.cholesky(problem.cov)
-    noise_sd = jnp.sqrt(problem.noise_var)
-
-    def gaussian(x, key):
-        z = jax.random.normal(key, (x.shape[0] + 1,), x.dtype)
-        a = chol @ z[:-1]
-        # y = a . x_star + e, loss (a . x - y)^2 / 2, gradient a (a . (x - x_star) - e)
-        return a * (jnp.dot(a, x - problem.x_star) - noise_sd * z[-1])
-
-    return gaussian
+    """``(x, key) -> (d,)`` gradient of one fresh sample (an online problem's method)."""
+    return problem.sample_gradient
 
 
 def _num_examples(problem) -> int:

@@ -1,4 +1,4 @@
-"""Monte Carlo of the diffusion family of SGD (theory 2):
+"""Monte Carlo of the diffusion family of SGD (docs/theory.md §2):
 
     dX = -grad f dt - (h/4) grad |grad f|^2 dt + sqrt(h u(t)) sigma(X) dW,
 
@@ -66,7 +66,7 @@ def _diffusion_fns(problem):
     times ``h u``, is the Itô-to-Stratonovich drift shift).
 
     Data problems use the ``d x n`` matrix of centred per-example gradients over ``sqrt(n)``
-    driven by ``n`` Brownian motions (theory 2): no factorisation. Others use the Cholesky factor
+    driven by ``n`` Brownian motions (docs/theory.md §2): no factorisation. Others use the Cholesky factor
     of ``Sigma(x)`` with a jitter of ``1e-12`` of its mean eigenvalue (so a singular ``Sigma``,
     e.g. at an optimum without label noise, does not give NaN)."""
     if _is_data_problem(problem):
@@ -110,14 +110,14 @@ def simulate_sde(problem: AbstractProblem, batch_sizes, *, lr, num_paths: int, k
                  correction: bool = True, solver: str = "srk", method: str = "diffrax",
                  dt: float | None = None, record_every: int | None = None,
                  control_variate: bool = False) -> SimulationResult:
-    """Monte Carlo of the diffusion of theory 2 on ``[0, T]``, ``T = K h``:
+    """Monte Carlo of the diffusion of docs/theory.md §2 on ``[0, T]``, ``T = K h``:
 
         dX = -grad f dt - (h/4) grad |grad f|^2 dt + sqrt(h u(t)) sigma(X) dW,
 
     with ``u(t) = noise_weight(b_k)`` on step ``k`` (``1/b_k`` with replacement) and
     ``sigma sigma^T = Sigma``. The correction term (``(h/2) H grad f``, by a Jacobian-vector
     product) makes the family weak order 2 in ``h``; without it the mean loss moves by about
-    ``-h grad F(x_T) . mc_T`` (theory 3), i.e. by ``-h`` times the correction part of ``J1``.
+    ``-h grad F(x_T) . mc_T`` (docs/theory.md §3), i.e. by ``-h`` times the correction part of ``J1``.
 
     ``method="diffrax"`` solves each step ``[kh, (k+1)h]`` with ``diffrax.diffeqsolve`` driven by a
     ``VirtualBrownianTree`` (so it can be differentiated, e.g. in ``lr`` or problem arguments,

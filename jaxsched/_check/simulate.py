@@ -1,11 +1,11 @@
-"""Monte Carlo of real minibatch SGD and of its diffusion family (theory sec. 1 and 2).
+"""Monte Carlo of real minibatch SGD and of its diffusion family (docs/theory.md §1 and 2).
 
 Everything the theory predicts (``expected_loss``, ``exact_expected_loss``) is a statement about one
 of the two processes simulated here:
 
 - :func:`simulate_sgd` runs minibatch SGD ``x_{k+1} = x_k - h g_k`` where ``g_k`` is the mean of
-  ``b_k`` per-sample gradients (theory 1);
-- :func:`simulate_sde` integrates the diffusion of theory 2,
+  ``b_k`` per-sample gradients (docs/theory.md §1);
+- :func:`simulate_sde` integrates the diffusion of docs/theory.md §2,
   ``dX = -grad f dt - (h/4) grad |grad f|^2 dt + sqrt(h u(t)) sigma(X) dW``, with diffrax (a
   ``VirtualBrownianTree`` per step, so the solve can be differentiated) or with a fast forward-only
   ``lax.scan`` whose noise is drawn inside the scan.
@@ -116,8 +116,8 @@ def simulate_sgd(problem: AbstractProblem, batch_sizes, *, lr=None,
                  replace: bool | None = None, record_every: int | None = None,
                  chunk_size: int | None = None, control_variate: bool = False
                  ) -> SimulationResult:
-    """Monte Carlo of real minibatch SGD (theory 1), optionally with momentum, Nesterov and an lr
-    schedule (theory 7, 8), vmapped over ``num_paths`` independent paths.
+    """Monte Carlo of real minibatch SGD (docs/theory.md §1), optionally with momentum, Nesterov and an lr
+    schedule (docs/theory.md §7, 8), vmapped over ``num_paths`` independent paths.
 
     Each path runs ``optax.sgd(learning_rate=<step k -> s_k>, momentum=mu, nesterov=...)`` itself
     (the optax code, not a re-implementation) on the minibatch gradients

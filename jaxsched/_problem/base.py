@@ -1,16 +1,18 @@
 """Problem types: the loss ``f``, the per-sample gradient covariance ``Sigma(x)``, ``x0`` and the
-terminal functional ``F`` (theory sec. 1).
+terminal functional ``F`` (docs/theory.md §1).
 
 Every problem is an ``equinox.Module`` whose numeric fields are array leaves, so a problem can be
 vmapped over and differentiated. The methods give everything the expansion needs:
 
 - ``value(x)``, ``gradient(x)``, ``hessian(x)``: ``f`` and its derivatives;
 - ``covariance(x)``: ``Sigma(x)``, the covariance of one per-sample gradient;
-- ``third_contraction(x, P)``: ``D3f(x)[P]_i = d/dx_i tr(H(x) P)`` (theory 3), a gradient of a scalar;
-- ``third_hessian(x, a)``: ``D3f(x)[a]_jk = sum_i a_i d_ijk f``, the Hessian of ``a . grad f`` (theory 4);
+- ``third_contraction(x, P)``: ``D3f(x)[P]_i = d/dx_i tr(H(x) P)`` (docs/theory.md §3), a gradient
+  of a scalar;
+- ``third_hessian(x, a)``: ``D3f(x)[a]_jk = sum_i a_i d_ijk f``, the Hessian of ``a . grad f``
+  (docs/theory.md §4);
 - ``terminal_value/gradient/hessian``: ``F`` and its derivatives (``F = f`` unless given);
 - ``noise_weight(b)``: the factor multiplying ``Sigma`` in ``Cov[g_k]``: ``1/b`` with replacement,
-  ``(n - b) / (b (n - 1))`` without replacement inside a step (theory 1).
+  ``(n - b) / (b (n - 1))`` without replacement inside a step (docs/theory.md §1).
 """
 
 from __future__ import annotations
@@ -116,6 +118,17 @@ class AbstractQuadraticProblem(AbstractProblem):
         """The problem in the eigenbasis of its Hessian (an ``EigenForm``: eigenvalues, initial
         coordinates, noise description), for the eigenbasis sensitivity (docs/theory.md §5)."""
         raise NotImplementedError
+
+    def moment_model(self):
+        """The ``MomentModel`` of the exact discrete recursions (docs/theory.md §5.2, §5.3)."""
+        raise NotImplementedError
+
+    def stability_batch(self, step_sizes, optimizer=None):
+        """``b_stab(s_k)`` per step size: the batch below which the exact second moments diverge
+        (docs/theory.md §8); ``inf`` where full-batch descent itself diverges."""
+        from .stability import stability_batch_at
+
+        return stability_batch_at(self, step_sizes, optimizer)
 
     def third_contraction(self, x, P):
         return jnp.zeros_like(x)

@@ -1,4 +1,4 @@
-"""Problems defined by a per-example loss on a finite data set (theory 1 and 2, finite data).
+"""Problems defined by a per-example loss on a finite data set (docs/theory.md §1 and 2, finite data).
 
 ``DataProblem(per_example_loss, data, x0)`` turns any differentiable model written in JAX into a
 jaxsched problem: ``f(x) = mean_i l(x; xi_i)`` and ``Sigma(x)`` is the (population) covariance of
@@ -66,10 +66,10 @@ class DataProblem(AbstractFiniteDataProblem):
     """Mean of a per-example loss over a finite data set, for any JAX model.
 
     ``f(x) = (1/n) sum_i l(x; xi_i)``, ``Sigma(x) = (1/n) sum_i (g_i - gbar)(g_i - gbar)^T`` with
-    ``g_i = grad_x l(x; xi_i)`` and ``gbar = grad f(x)`` (theory 1; the matrix ``G~^T / sqrt(n)`` of
-    centred per-example gradients is the diffusion coefficient of theory 2). Minibatches are drawn
+    ``g_i = grad_x l(x; xi_i)`` and ``gbar = grad f(x)`` (docs/theory.md §1; the matrix ``G~^T / sqrt(n)`` of
+    centred per-example gradients is the diffusion coefficient of docs/theory.md §2). Minibatches are drawn
     uniformly, with replacement (``Cov[g_k] = Sigma / b``) or without replacement inside a step
-    (``Cov[g_k] = Sigma (n - b) / (b (n - 1))``). The third-derivative contractions of theory 3 and 4
+    (``Cov[g_k] = Sigma (n - b) / (b (n - 1))``). The third-derivative contractions of docs/theory.md §3 and 4
     are computed by autodiff; no ``d^3`` tensor is formed.
 
     Args:
@@ -222,14 +222,15 @@ class DataProblem(AbstractFiniteDataProblem):
         return self._data_sum(chunk) / self.num_examples
 
     def third_contraction(self, x: Vector, P: Matrix) -> Vector:
-        """``d/dx tr(H(x) P)`` (theory 3), chunk by chunk so reverse-mode residuals stay per chunk."""
+        """``d/dx tr(H(x) P)`` (docs/theory.md §3), chunk by chunk so reverse-mode residuals stay per
+        chunk."""
         def chunk(ch, m):
             return jax.grad(lambda z: jnp.vdot(jax.hessian(self._loss_sum)(z, ch, m), P))(x)
 
         return self._data_sum(chunk) / self.num_examples
 
     def third_hessian(self, x: Vector, a: Vector) -> Matrix:
-        """``D3f(x)[a]`` (theory 4): the directional derivative of the Hessian along ``a``."""
+        """``D3f(x)[a]`` (docs/theory.md §4): the directional derivative of the Hessian along ``a``."""
         def chunk(ch, m):
             return jax.jvp(lambda z: jax.hessian(self._loss_sum)(z, ch, m), (x,), (a,))[1]
 

@@ -1,5 +1,5 @@
-"""Ground truth for linear regression: exact discrete-time SGD moments (theory 5.2, 5.3) and the
-continuous-time closed forms for Gaussian features (theory 5.1).
+"""Ground truth for linear regression: exact discrete-time SGD moments (docs/theory.md §5.2, 5.3) and the
+continuous-time closed forms for Gaussian features (docs/theory.md §5.1).
 
 These are the independent references the expansion layer is checked against, so nothing here calls
 the expansion code: the exact recursions propagate the first two moments of ``v = x - x_ref`` through
@@ -14,14 +14,11 @@ Exact moments. For a quadratic loss every per-sample gradient is affine in ``v``
     E f = tr(S M) / 2 + cbar . mu + const.
 
 With ``cbar = 0`` (centring at the least-squares solution, or at ``x_star`` for Gaussian features)
-this is theory 5.2 / 5.3 verbatim; keeping ``cbar`` (a rounding-level vector) makes the recursion
+this is docs/theory.md §5.2 / 5.3 verbatim; keeping ``cbar`` (a rounding-level vector) makes the recursion
 exact for whatever centring point the least-squares solver returns, also in float32.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -30,9 +27,9 @@ import numpy as np
 
 from .._misc import _as_float_array, _is_concrete
 from .._optimizer import AbstractOptimizer, as_optimizer
-from .._types import Array, Float, Matrix, Scalar, ScalarLike, StepArray, Vector
-from .base import AbstractProblem
-from .linear import DiagonalGaussianRegression, GaussianLinearRegression, LinearRegressionData
+from .._types import Array, Float, Scalar, ScalarLike, StepArray, Vector
+from .base import AbstractProblem, check_problem
+from .linear import GaussianLinearRegression
 
 __all__ = [
     "exact_expected_loss",
@@ -50,17 +47,9 @@ __all__ = [
 # ------------------------------------------------------------------------------------------------
 
 
-# The one place that maps a problem type to its moment model. It stands in for a method the
-# quadratic base class should offer (``problem.moment_model()``); until then the dispatch lives here.
-_QUADRATIC = (GaussianLinearRegression, DiagonalGaussianRegression, LinearRegressionData)
-
-
 def _check_quadratic(problem) -> None:
-    if not isinstance(problem, AbstractProblem):
-        raise ValueError(  # noqa: TRY004  (project convention: ValueError naming the argument)
-            f"problem: expected a jaxsched problem, got {type(problem).__name__}"
-        )
-    if not problem.is_quadratic or not isinstance(problem, _QUADRATIC):
+    check_problem(problem)
+    if not problem.is_quadratic:
         raise ValueError(
             "problem: exact discrete moments need a quadratic problem (GaussianLinearRegression, "
             "DiagonalGaussianRegression or LinearRegressionData), "
@@ -118,8 +107,8 @@ def _batch_sizes(problem, batch_sizes) -> StepArray:
             raise ValueError("batch_sizes: contains NaN")
         if np.any(a <= 0):
             raise ValueError(f"batch_sizes: entries must be > 0, got minimum {a.min()}")
-        if isinstance(problem, LinearRegressionData) and not problem.replace:
-            n = problem.num_examples
+        n = problem.batch_cap()
+        if n is not None:
             finite = a[np.isfinite(a)]
             if finite.size and finite.max() > n:
                 raise ValueError(
@@ -130,75 +119,12 @@ def _batch_sizes(problem, batch_sizes) -> StepArray:
 
 
 # ------------------------------------------------------------------------------------------------
-# Exact discrete moments (theory 5.2, 5.3)
+# Exact discrete moments (docs/theory.md §5.2, 5.3)
 # ------------------------------------------------------------------------------------------------
 
 
-class _QuadraticModel(NamedTuple):
-    """A quadratic problem in the centred variable ``v = x - x_ref``: ``E[g|v] = S v + cbar``,
-    ``E f = tr(S M)/2 + cbar . mu + const``, and ``noise(mu, M) = E[Sigma(v)]``."""
-
-    hess: Matrix
-    offset: Vector
-    v0: Vector
-    const: Scalar
-    noise: Callable[[Vector, Matrix], Matrix]
-
-
-def _gaussian_model(p: GaussianLinearRegression) -> _QuadraticModel:
-    S = p.cov
-
-    def noise(mu, M):
-        # E[Sigma(v)] = S M S + tr(S M) S + s2 S  (theory 5.2; Isserlis for the Gaussian 4th moment)
-        SM = S @ M
-        return SM @ S + (jnp.trace(SM) + p.noise_var) * S
-
-    v0 = p.x0 - p.x_star
-    return _QuadraticModel(S, jnp.zeros_like(v0), v0, 0.5 * p.noise_var, noise)
-
-
-def _data_model(p: LinearRegressionData) -> _QuadraticModel:
-    F, y = p.features, p.targets
-    n = p.num_examples
-    S = F.T @ F / n
-    # Least squares via SVD: the minimum-norm solution, so a singular S is fine.
-    x_hat = jnp.linalg.lstsq(F, y)[0]
-    r = F @ x_hat - y
-    cbar = F.T @ r / n  # zero up to rounding (normal equations); kept so the recursion is exact
-
-    def noise(mu, M):
-        # Q = mean_i E[g_i g_i^T] with g_i = a_i (a_i . v + r_i):
-        #   a_i a_i^T (q_i + 2 (a_i . mu) r_i + r_i^2),  q_i = a_i^T M a_i   -> O(n d^2), no n matrices
-        q = jnp.sum((F @ M) * F, axis=1)
-        weights = q + 2.0 * (F @ mu) * r + r**2
-        Q = (F * weights[:, None]).T @ F / n
-        Smu = S @ mu
-        mean_outer = S @ M @ S + jnp.outer(Smu, cbar) + jnp.outer(cbar, Smu) + jnp.outer(cbar, cbar)
-        return Q - mean_outer
-
-    return _QuadraticModel(S, cbar, p.x0 - x_hat, 0.5 * jnp.mean(r**2), noise)
-
-
-def _diagonal_model(p: DiagonalGaussianRegression) -> _QuadraticModel:
-    lam = p.eigenvalues
-
-    def noise(mu, M):
-        # theory 5.2 with S = diag(lam): S M S + tr(S M) S + s2 S
-        return lam[:, None] * M * lam[None, :] + jnp.diag((jnp.dot(lam, jnp.diag(M)) + p.noise_var) * lam)
-
-    return _QuadraticModel(jnp.diag(lam), jnp.zeros_like(p.x0), p.x0, 0.5 * p.noise_var, noise)
-
-
-def _model(problem) -> _QuadraticModel:
-    if isinstance(problem, GaussianLinearRegression):
-        return _gaussian_model(problem)
-    if isinstance(problem, DiagonalGaussianRegression):
-        return _diagonal_model(problem)
-    return _data_model(problem)
-
-
 def _noise_weights(problem, batch_sizes: StepArray) -> StepArray:
-    """``w_k`` of theory 5.3 with ``b = +inf`` meaning ``w = 0``; the double ``where`` keeps the
+    """``w_k`` of docs/theory.md §5.3 with ``b = +inf`` meaning ``w = 0``; the double ``where`` keeps the
     gradient finite where ``b`` is infinite."""
     infinite = jnp.isinf(batch_sizes)
     safe = jnp.where(infinite, jnp.ones_like(batch_sizes), batch_sizes)
@@ -206,7 +132,7 @@ def _noise_weights(problem, batch_sizes: StepArray) -> StepArray:
 
 
 def _update_coefficients(optimizer, dtype):
-    """``(mu, alpha, beta)`` of the trace-form update (theory 7): ``t' = mu t + g``,
+    """``(mu, alpha, beta)`` of the trace-form update (docs/theory.md §7): ``t' = mu t + g``,
     ``x' = x - s (alpha g + beta t)``; heavy ball ``(mu, 1, mu)``, Nesterov ``(mu, 1 + mu, mu^2)``."""
     mu = jnp.asarray(optimizer.momentum, dtype)
     if optimizer.nesterov:
@@ -232,9 +158,9 @@ def _guard(step_sizes: StepArray, momentum: Scalar, batch_sizes: StepArray):
 @eqx.filter_jit
 def _trajectory_core(problem, batch_sizes: StepArray, step_sizes: StepArray
                      ) -> Float[Array, " steps+1"]:
-    """Plain SGD, ``v' = v - s_k g_k`` (theory 5.2, 5.3, with per-step rates ``s_k``)."""
+    """Plain SGD, ``v' = v - s_k g_k`` (docs/theory.md §5.2, 5.3, with per-step rates ``s_k``)."""
     step_sizes, _, batch_sizes = _guard(step_sizes, jnp.zeros((), step_sizes.dtype), batch_sizes)
-    model = _model(problem)
+    model = problem.moment_model()
     S, cbar = model.hess, model.offset
     eye = jnp.eye(S.shape[0], dtype=S.dtype)
 
@@ -266,13 +192,13 @@ def _trajectory_core(problem, batch_sizes: StepArray, step_sizes: StepArray
 @eqx.filter_jit
 def _momentum_core(problem, batch_sizes: StepArray, optimizer) -> Float[Array, " steps+1"]:
     """Heavy ball or Nesterov in the trace form, through the augmented state ``z = (v, t)``
-    (theory 7): ``z' = A z + c + B xi`` with ``E xi = 0``, ``Cov xi = w_k E Sigma(v)``, so
+    (docs/theory.md §7): ``z' = A z + c + B xi`` with ``E xi = 0``, ``Cov xi = w_k E Sigma(v)``, so
 
         m' = A m + c,    P' = A P A^T + A m c^T + c m^T A^T + c c^T + w_k B E[Sigma] B^T,
 
     with ``A = [[I - s alpha S, -s beta I], [S, mu I]]``, ``B = [-s alpha I; I]``,
     ``c = [-s alpha cbar; cbar]`` (``P`` the raw second moment, ``m`` the mean)."""
-    model = _model(problem)
+    model = problem.moment_model()
     S, cbar = model.hess, model.offset
     d = S.shape[0]
     steps = batch_sizes.shape[0]
@@ -307,7 +233,7 @@ def _momentum_core(problem, batch_sizes: StepArray, optimizer) -> Float[Array, "
 
 def _run(problem, b: StepArray, lr, optimizer) -> Float[Array, " steps+1"]:
     """Dispatch on the two spellings: ``lr=`` is plain SGD at a constant rate (the ``d x d``
-    recursion); ``optimizer=`` goes through the augmented ``2d x 2d`` recursion of theory 7, which
+    recursion); ``optimizer=`` goes through the augmented ``2d x 2d`` recursion of docs/theory.md §7, which
     equals the plain one to rounding at momentum 0."""
     dtype = _dtype(problem)
     if optimizer is None:
@@ -328,8 +254,8 @@ def exact_loss_trajectory(
     lr: ScalarLike | None = None,
     optimizer: AbstractOptimizer | None = None,
 ) -> Float[Array, " steps+1"]:
-    """Exact ``E f(x_k)``, ``k = 0..K``, of minibatch SGD on a quadratic problem (theory 5.2, 5.3),
-    optionally with heavy-ball or Nesterov momentum and a learning-rate schedule (theory 7, 8).
+    """Exact ``E f(x_k)``, ``k = 0..K``, of minibatch SGD on a quadratic problem (docs/theory.md §5.2, 5.3),
+    optionally with heavy-ball or Nesterov momentum and a learning-rate schedule (docs/theory.md §7, 8).
 
     With ``lr=h``: plain SGD, ``x_{k+1} = x_k - h g_k``; ``mu_k = E v_k`` and ``M_k = E v_k v_k^T``
     propagate exactly with ``Cov[g_k | x_k] = w(b_k) Sigma(x_k)``, where ``w`` is
@@ -339,7 +265,7 @@ def exact_loss_trajectory(
     ``t_{k+1} = g_k + mu t_k``, ``x_{k+1} = x_k - s_k t_{k+1}`` (Nesterov
     ``x_{k+1} = x_k - s_k (g_k + mu t_{k+1})``), ``t_0 = 0``, with ``s_k`` the per-step rates
     (``lr`` a scalar or a ``(K,)`` schedule); the first two moments of the augmented state
-    ``(v, t)`` propagate exactly (theory 7). Momentum 0 gives plain SGD with the same rates.
+    ``(v, t)`` propagate exactly (docs/theory.md §7). Momentum 0 gives plain SGD with the same rates.
 
     Real-valued batch sizes are allowed and the result is differentiable in them, in the rates and
     in the momentum; ``b = inf`` means an exact gradient.
@@ -373,7 +299,7 @@ def exact_expected_loss(
     lr: ScalarLike | None = None,
     optimizer: AbstractOptimizer | None = None,
 ) -> Scalar:
-    """Exact ``E f(x_K)`` after ``K = len(batch_sizes)`` steps (theory 5.2, 5.3, 7).
+    """Exact ``E f(x_K)`` after ``K = len(batch_sizes)`` steps (docs/theory.md §5.2, 5.3, 7).
 
     See ``exact_loss_trajectory`` for arguments and errors; this returns its last entry.
     """
@@ -407,7 +333,7 @@ def exact_gd_loss(
 
 
 # ------------------------------------------------------------------------------------------------
-# Closed forms for Gaussian features (theory 5.1)
+# Closed forms for Gaussian features (docs/theory.md §5.1)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -439,7 +365,7 @@ def gaussian_phi(
     problem: GaussianLinearRegression, t: Float[Array, "*shape"], *, horizon: ScalarLike
 ) -> Float[Array, "*shape"]:
     """Continuous-time sensitivity ``phi(t) = tr(Lam(t) Sigma(x(t)))`` for Gaussian features in
-    closed form (theory 5.1): in the eigenbasis of ``S`` (``lam_i``, ``v_i(t) = e^{-lam_i t} v0_i``)
+    closed form (docs/theory.md §5.1): in the eigenbasis of ``S`` (``lam_i``, ``v_i(t) = e^{-lam_i t} v0_i``)
 
         phi(t) = (1/2) sum_i lam_i^2 e^{-2 lam_i (T - t)} [lam_i v_i(t)^2 + sum_j lam_j v_j(t)^2 + s2].
 
@@ -491,7 +417,7 @@ def gaussian_sensitivity(
     problem: GaussianLinearRegression, *, lr: ScalarLike, steps: int
 ) -> StepArray:
     """Per-step sensitivities ``phi_k = int_{kh}^{(k+1)h} phi(t) dt`` for Gaussian features, in
-    closed form (theory 4 and 5.1; ``T = steps * lr``). ``phi`` is a sum of ``O(d^2)``
+    closed form (docs/theory.md §4 and 5.1; ``T = steps * lr``). ``phi`` is a sum of ``O(d^2)``
     exponentials ``e^{c t}``, each integrated exactly (``expm1`` for ``c -> 0``).
 
     Then ``J1 = gaussian_correction + sum_k phi_k / b_k`` for a piecewise-constant schedule.
@@ -521,7 +447,7 @@ def _correction_core(problem, horizon: Scalar) -> Scalar:
 
 def gaussian_correction(problem: GaussianLinearRegression, *, horizon: ScalarLike) -> Scalar:
     """Schedule-independent part of ``J1`` for Gaussian features: ``grad F(x_T) . mc_T``
-    (theory 3; ``m = 0`` since ``D3f = 0``). Solving ``mc' = -S mc - (1/2) S^2 v(t)`` in the
+    (docs/theory.md §3; ``m = 0`` since ``D3f = 0``). Solving ``mc' = -S mc - (1/2) S^2 v(t)`` in the
     eigenbasis gives the resonant ``mc_i(T) = -(1/2) lam_i^2 z0_i T e^{-lam_i T}``, so
 
         grad F(x_T) . mc_T = -(1/2) sum_i lam_i^3 z0_i^2 T e^{-2 lam_i T}.
@@ -546,7 +472,7 @@ def _gd_core(problem, horizon: Scalar) -> Scalar:
 
 def gaussian_gd_loss(problem: GaussianLinearRegression, *, horizon: ScalarLike) -> Scalar:
     """``F(x_T) = f(x(T))`` of gradient flow ``x' = -S (x - x_star)`` for Gaussian features:
-    ``(1/2) sum_i lam_i z0_i^2 e^{-2 lam_i T} + s2 / 2`` (theory 5.1).
+    ``(1/2) sum_i lam_i z0_i^2 e^{-2 lam_i T} + s2 / 2`` (docs/theory.md §5.1).
 
     Args:
         problem: a ``GaussianLinearRegression``.

@@ -1,21 +1,23 @@
-"""A general problem from JAX functions (theory 1-2)."""
+"""A general problem from JAX functions (docs/theory.md §1-2)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
 
 from .._misc import _as_float_array, _is_concrete
 from .._types import Matrix, Scalar, Vector
-from .base import AbstractProblem
+from .base import AbstractOnlineProblem, AbstractProblem
 
 
 class Problem(AbstractProblem):
     """A general problem from JAX functions: any twice-differentiable ``loss: R^d -> R`` and any
     state-dependent PSD ``noise_cov: R^d -> (d, d)`` (the per-sample gradient covariance). This is
-    the large family of diffusion coefficients of theory 2.
+    the large family of diffusion coefficients of docs/theory.md §2.
 
     Args:
         loss: ``loss(x)`` (or ``loss(x, args)`` when ``args`` is given), a scalar.
@@ -45,6 +47,24 @@ class Problem(AbstractProblem):
         self.x0 = _as_float_array("x0", x0, ndim=1)
         if _is_concrete(self.x0, args):
             self._check_shapes()
+        self.x0 = self._check_noise_cov_at_x0()
+
+    def _check_noise_cov_at_x0(self) -> Vector:
+        """``noise_cov(x0)`` must be symmetric positive semi-definite (a covariance): checked eagerly
+        when ``x0`` and ``args`` are concrete, with ``eqx.error_if`` (on ``x0``) when traced."""
+        S = self._call(self.noise_cov, self.x0)
+        scale = jnp.maximum(jnp.max(jnp.abs(S)), jnp.finfo(S.dtype).tiny)
+        asym = jnp.max(jnp.abs(S - S.T)) / scale
+        low = jnp.linalg.eigvalsh(0.5 * (S + S.T))[0] / scale
+        msg = "noise_cov: must return a symmetric positive semi-definite matrix at x0"
+        if _is_concrete(self.x0, self.args):
+            if not bool(jnp.all(jnp.isfinite(S))):
+                raise ValueError("noise_cov: returns NaN or infinite values at x0")
+            if float(asym) > 1e-10 or float(low) < -1e-10:
+                raise ValueError(f"{msg} (asymmetry {float(asym):.3g}, smallest eigenvalue "
+                                 f"{float(low) * float(scale):.3g})")
+            return self.x0
+        return eqx.error_if(self.x0, (asym > 1e-10) | (low < -1e-10), msg)
 
     def _call(self, fn, x):
         return fn(x) if self.args is None else fn(x, self.args)
@@ -80,12 +100,12 @@ class Problem(AbstractProblem):
         return jax.hessian(self.terminal_value)(x)
 
 
-class SampledProblem(AbstractProblem):
+class SampledProblem(AbstractOnlineProblem):
     """A problem given by a per-sample loss ``l(x; xi)`` and a sampler of ``xi`` (online data), so
     that real minibatch SGD can be simulated; ``f = E l`` and ``Sigma`` are supplied for the
     expansion (computed exactly or by quadrature, e.g. Gauss–Hermite).
 
-    Example (theory 3): ``l(x; a) = log cosh(x - a)``, ``a ~ N(0, 1)``::
+    Example (docs/theory.md §3): ``l(x; a) = log cosh(x - a)``, ``a ~ N(0, 1)``::
 
         SampledProblem(lambda x, a: jnp.log(jnp.cosh(x[0] - a)),
                        lambda key: jax.random.normal(key),

@@ -1,7 +1,8 @@
-"""Linear regression problems (theory 5): Gaussian features and finite data."""
+"""Linear regression problems (docs/theory.md §5): Gaussian features and finite data."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import equinox as eqx
@@ -39,6 +40,18 @@ class EigenForm(NamedTuple):
         return x if self.offset is None else x + self.offset
 
 
+class MomentModel(NamedTuple):
+    """A quadratic problem in the centred variable ``v = x - x_ref`` for the exact recursions
+    (docs/theory.md §5.2, §5.3, §7): ``E[g|v] = S v + cbar``, ``E f = tr(S M)/2 + cbar . mu + const``,
+    and ``noise(mu, M) = E[Sigma(v)]`` for ``E v = mu``, ``E v v^T = M``."""
+
+    hess: Matrix
+    offset: Vector
+    v0: Vector
+    const: Scalar
+    noise: Callable[[Vector, Matrix], Matrix]
+
+
 def _gaussian_sample_gradient(x_minus_star, chol_or_sqrt_diag, noise_var, key, diagonal: bool):
     d = x_minus_star.shape[0]
     z = jax.random.normal(key, (d + 1,), x_minus_star.dtype)
@@ -47,11 +60,17 @@ def _gaussian_sample_gradient(x_minus_star, chol_or_sqrt_diag, noise_var, key, d
     return a * (jnp.dot(a, x_minus_star) - jnp.sqrt(noise_var) * z[-1])
 
 
-def _check_square_spd(name: str, cov: Array) -> None:
+def _check_square_spd(name: str, cov: Array) -> Array:
+    """``cov`` after checking it is a symmetric positive definite square matrix: eagerly (a
+    ValueError naming ``name``) when concrete, with ``eqx.error_if`` when traced."""
     if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
         raise ValueError(f"{name}: expected a square (d, d) matrix, got shape {cov.shape}")
     if not _is_concrete(cov):
-        return
+        scale = jnp.max(jnp.abs(cov))
+        asym = jnp.max(jnp.abs(cov - cov.T)) > 1e-10 * scale
+        cov = eqx.error_if(cov, asym, f"{name}: must be symmetric")
+        low = jnp.linalg.eigvalsh(0.5 * (cov + cov.T))[0] <= 1e-12 * scale
+        return eqx.error_if(cov, low, f"{name}: must be positive definite")
     c = np.asarray(cov, dtype=np.float64)
     scale = max(float(np.max(np.abs(c))), np.finfo(np.float64).tiny)
     if np.max(np.abs(c - c.T)) > 1e-10 * scale:
@@ -59,10 +78,20 @@ def _check_square_spd(name: str, cov: Array) -> None:
     eig = np.linalg.eigvalsh(0.5 * (c + c.T))
     if eig[0] <= 1e-12 * scale:
         raise ValueError(f"{name}: must be positive definite (smallest eigenvalue {eig[0]:.3g})")
+    return cov
+
+
+def _check_nonnegative(name: str, value: Array) -> Array:
+    """A scalar ``>= 0``: eagerly when concrete, with ``eqx.error_if`` when traced."""
+    if _is_concrete(value):
+        if float(value) < 0:
+            raise ValueError(f"{name}: must be >= 0, got {float(value)}")
+        return value
+    return eqx.error_if(value, value < 0, f"{name}: must be >= 0")
 
 
 class GaussianLinearRegression(AbstractQuadraticProblem, AbstractOnlineProblem):
-    """Least squares with Gaussian features (theory 5.1): ``a ~ N(0, cov)``, ``y = a . x_star + e``,
+    """Least squares with Gaussian features (docs/theory.md §5.1): ``a ~ N(0, cov)``, ``y = a . x_star + e``,
     ``e ~ N(0, noise_var)``. Then ``f(x) = v^T S v / 2 + s2 / 2`` with ``v = x - x_star`` and
 
         Sigma(x) = S v v^T S + (v^T S v) S + s2 S.
@@ -85,16 +114,14 @@ class GaussianLinearRegression(AbstractQuadraticProblem, AbstractOnlineProblem):
 
     def __init__(self, cov, x_star, x0, noise_var=0.0):
         self.cov = _as_float_array("cov", cov, ndim=2)
-        _check_square_spd("cov", self.cov)
+        self.cov = _check_square_spd("cov", self.cov)
         d = self.cov.shape[0]
         self.x_star = _as_float_array("x_star", x_star, ndim=1)
         self.x0 = _as_float_array("x0", x0, ndim=1)
         for name, v in (("x_star", self.x_star), ("x0", self.x0)):
             if v.shape != (d,):
                 raise ValueError(f"{name}: expected shape ({d},) to match cov, got {v.shape}")
-        self.noise_var = _as_float_array("noise_var", noise_var, ndim=0)
-        if _is_concrete(self.noise_var) and float(self.noise_var) < 0:
-            raise ValueError(f"noise_var: must be >= 0, got {float(self.noise_var)}")
+        self.noise_var = _check_nonnegative("noise_var", _as_float_array("noise_var", noise_var, ndim=0))
 
     def value(self, x):
         v = x - self.x_star
@@ -115,6 +142,18 @@ class GaussianLinearRegression(AbstractQuadraticProblem, AbstractOnlineProblem):
         return _gaussian_sample_gradient(x - self.x_star, jnp.linalg.cholesky(self.cov), self.noise_var,
                                          key, diagonal=False)
 
+    def moment_model(self) -> MomentModel:
+        S = self.cov
+        s2 = self.noise_var
+
+        def noise(mu, M):
+            # E[Sigma(v)] = S M S + tr(S M) S + s2 S  (§5.2; Isserlis for the Gaussian 4th moment)
+            SM = S @ M
+            return SM @ S + (jnp.trace(SM) + s2) * S
+
+        v0 = self.x0 - self.x_star
+        return MomentModel(S, jnp.zeros_like(v0), v0, 0.5 * s2, noise)
+
     def eigen_form(self) -> EigenForm:
         lam, U = jnp.linalg.eigh(self.cov)
         return EigenForm(lam, U.T @ (self.x0 - self.x_star), self.noise_var, basis=U,
@@ -122,7 +161,7 @@ class GaussianLinearRegression(AbstractQuadraticProblem, AbstractOnlineProblem):
 
 
 class LinearRegressionData(AbstractQuadraticProblem, AbstractFiniteDataProblem):
-    """Least squares on a finite data set sampled uniformly (theory 5.3):
+    """Least squares on a finite data set sampled uniformly (docs/theory.md §5.3):
     ``f(x) = mean_i (a_i . x - y_i)^2 / 2`` and ``Sigma(x) = mean_i g_i g_i^T - grad f grad f^T`` with
     ``g_i = a_i (a_i . x - y_i)``, computed in ``O(n d^2)`` without building ``n`` matrices.
 
@@ -189,6 +228,27 @@ class LinearRegressionData(AbstractQuadraticProblem, AbstractFiniteDataProblem):
         a = self.features[idx]
         return a * (a @ x - self.targets[idx])[:, None]
 
+    def moment_model(self) -> MomentModel:
+        F, y = self.features, self.targets
+        n = self.num_examples
+        S = F.T @ F / n
+        # Least squares via SVD: the minimum-norm solution, so a singular S is fine.
+        x_hat = jnp.linalg.lstsq(F, y)[0]
+        r = F @ x_hat - y
+        cbar = F.T @ r / n  # zero up to rounding (normal equations); kept so the recursion is exact
+
+        def noise(mu, M):
+            # Q = mean_i E[g_i g_i^T] with g_i = a_i (a_i . v + r_i):
+            #   a_i a_i^T (q_i + 2 (a_i . mu) r_i + r_i^2), q_i = a_i^T M a_i  -> O(n d^2), no n matrices
+            q = jnp.sum((F @ M) * F, axis=1)
+            weights = q + 2.0 * (F @ mu) * r + r**2
+            Q = (F * weights[:, None]).T @ F / n
+            Smu = S @ mu
+            mean_outer = S @ M @ S + jnp.outer(Smu, cbar) + jnp.outer(cbar, Smu) + jnp.outer(cbar, cbar)
+            return Q - mean_outer
+
+        return MomentModel(S, cbar, self.x0 - x_hat, 0.5 * jnp.mean(r**2), noise)
+
     def eigen_form(self) -> EigenForm:
         F, y = self.features, self.targets
         n, d = F.shape
@@ -212,7 +272,7 @@ class LinearRegressionData(AbstractQuadraticProblem, AbstractFiniteDataProblem):
 
 
 class DiagonalGaussianRegression(AbstractQuadraticProblem, AbstractOnlineProblem):
-    """Gaussian linear regression (theory 5.1) written in the eigenbasis of its feature
+    """Gaussian linear regression (docs/theory.md §5.1) written in the eigenbasis of its feature
     covariance: ``S = diag(eigenvalues)``, ``x_star = 0``, ``x0 = v0`` (the coordinates of
     ``x0 - x_star`` in the eigenbasis). Storage and the eigen path cost ``O(d)``, so ``d = 10^4``
     is cheap; the dense methods (``hessian``, ``covariance``) build ``d x d`` matrices and exist so
@@ -225,7 +285,7 @@ class DiagonalGaussianRegression(AbstractQuadraticProblem, AbstractOnlineProblem
 
     Raises:
         ValueError: naming the argument, for wrong shapes, NaN/inf, non-positive eigenvalues or
-            negative ``noise_var`` (value checks on concrete inputs only).
+            negative ``noise_var`` (eagerly when concrete; under a trace ``eqx.error_if`` raises at run time).
     """
 
     eigenvalues: Vector
@@ -240,12 +300,13 @@ class DiagonalGaussianRegression(AbstractQuadraticProblem, AbstractOnlineProblem
                 f"v0: expected shape {self.eigenvalues.shape} to match eigenvalues, "
                 f"got {self.x0.shape}"
             )
-        self.noise_var = _as_float_array("noise_var", noise_var, ndim=0)
-        if _is_concrete(self.eigenvalues, self.noise_var):
+        self.noise_var = _check_nonnegative("noise_var", _as_float_array("noise_var", noise_var, ndim=0))
+        if _is_concrete(self.eigenvalues):
             if float(jnp.min(self.eigenvalues)) <= 0:
                 raise ValueError("eigenvalues: must all be > 0")
-            if float(self.noise_var) < 0:
-                raise ValueError(f"noise_var: must be >= 0, got {float(self.noise_var)}")
+        else:
+            self.eigenvalues = eqx.error_if(self.eigenvalues, jnp.min(self.eigenvalues) <= 0,
+                                            "eigenvalues: must all be > 0")
 
     @classmethod
     def from_gaussian(cls, problem: GaussianLinearRegression) -> DiagonalGaussianRegression:
@@ -276,6 +337,16 @@ class DiagonalGaussianRegression(AbstractQuadraticProblem, AbstractOnlineProblem
         """Gradient of one fresh example's loss at ``x`` (features ``a ~ N(0, diag(lam))``)."""
         return _gaussian_sample_gradient(x, jnp.sqrt(self.eigenvalues), self.noise_var, key,
                                          diagonal=True)
+
+    def moment_model(self) -> MomentModel:
+        lam = self.eigenvalues
+        s2 = self.noise_var
+
+        def noise(mu, M):
+            # §5.2 with S = diag(lam): S M S + tr(S M) S + s2 S
+            return lam[:, None] * M * lam[None, :] + jnp.diag((jnp.dot(lam, jnp.diag(M)) + s2) * lam)
+
+        return MomentModel(jnp.diag(lam), jnp.zeros_like(self.x0), self.x0, 0.5 * s2, noise)
 
     def eigen_form(self) -> EigenForm:
         return EigenForm(self.eigenvalues, self.x0, self.noise_var)

@@ -1,7 +1,7 @@
-"""Mean-square stability of SGD and momentum on quadratic problems (theory 8, "where the
+"""Mean-square stability of SGD and momentum on quadratic problems (docs/theory.md §8, "where the
 degeneracy breaks", item 3).
 
-With multiplicative gradient noise the exact second moments (theory 5.2, 5.3, 7) obey a linear map
+With multiplicative gradient noise the exact second moments (docs/theory.md §5.2, 5.3, 7) obey a linear map
 ``P -> N(P) + w C(P)`` plus a constant, where ``N(P) = A P A^T`` is the deterministic part of one
 step and ``w C`` the noise of a batch with noise weight ``w = w(b)``. They stay bounded for every
 start iff its spectral radius is below one. Both parts are positive maps (they keep the cone of
@@ -35,7 +35,6 @@ import jax.numpy as jnp
 from .._optimizer import AbstractOptimizer, as_optimizer
 from .._types import Array, Float, Scalar, StepArray, Vector
 from .exact import _check_quadratic, _steps, _update_coefficients
-from .linear import DiagonalGaussianRegression, GaussianLinearRegression
 
 __all__ = ["stability_batch", "stability_batch_at"]
 
@@ -88,8 +87,7 @@ def _secular_max(D: Vector) -> Scalar:
 
 
 # ------------------------------------------------------------------------------------------------
-# The noise operator per problem type. This dispatch stands in for a method of the quadratic base
-# class (``problem.stability_operator()``); it is the only place that looks at the concrete type.
+# The noise operator, from the problem's eigen form (Gaussian features or a finite data set).
 # ------------------------------------------------------------------------------------------------
 class _GaussianNoise(eqx.Module):
     lam: Vector
@@ -110,16 +108,14 @@ class _DataNoise(eqx.Module):
 
 
 def _noise_operator(problem):
-    if isinstance(problem, GaussianLinearRegression):
-        return _GaussianNoise(jnp.linalg.eigvalsh(problem.cov))
-    if isinstance(problem, DiagonalGaussianRegression):
-        return _GaussianNoise(problem.eigenvalues)
-    F = problem.features
-    n = F.shape[0]
-    lam, U = jnp.linalg.eigh(F.T @ F / n)
-    Ft = F @ U
+    # Asked of the problem's eigen form: Gaussian features (no examples) or a finite data set.
+    e = problem.eigen_form()
+    if e.features is None:
+        return _GaussianNoise(e.lam)
+    Ft = e.features  # rotated features a~_i = U^T a_i
+    n = Ft.shape[0]
     G = jax.vmap(jnp.kron)(Ft, Ft)  # rows a~_i kron a~_i: (n, d^2)
-    return _DataNoise(lam, G.T @ G / n - jnp.diag(jnp.kron(lam, lam)))
+    return _DataNoise(e.lam, G.T @ G / n - jnp.diag(jnp.kron(e.lam, e.lam)))
 
 
 def _invert_noise_weight(problem, w: Array) -> Array:
@@ -183,8 +179,8 @@ def stability_batch(
 ) -> Float[Array, " steps"]:
     """The smallest real batch size ``b_stab(s_k)`` above which the exact second-moment recursion
     of SGD (or heavy ball / Nesterov in the trace form) on a quadratic problem is mean-square
-    stable at the step size ``s_k`` of each step (theory 8, item 3; the recursion of theory 5 and
-    7). Below it the expected loss grows geometrically whatever the start.
+    stable at the step size ``s_k`` of each step (docs/theory.md §8, item 3; the recursions of
+    docs/theory.md §5 and §7). Below it the expected loss grows geometrically whatever the start.
 
     ``b_stab = w^{-1}(w_stab)`` with ``w`` the problem's ``noise_weight`` and
     ``w_stab = 1 / rho((I - N)^{-1} C)`` (module docstring); ``inf`` where full-batch gradient
