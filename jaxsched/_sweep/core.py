@@ -44,7 +44,6 @@ from .._misc import check_steps
 from .._optimizer import SGD
 from .._problem.base import AbstractProblem
 from .._problem.exact import exact_expected_loss, exact_gd_loss
-from .._problem.linear import DiagonalGaussianRegression, GaussianLinearRegression
 from .results import SweepOutputs
 from .status import RESULT_OF_STATUS, SweepStatus
 
@@ -88,10 +87,9 @@ def _first_order(problem, lr, steps: int, s: Settings, rtol, atol):
 def _exact_losses(problem, b, constant, lr, steps, path):
     """Exact expected losses (theory 5.2 / 5.3) of the schedule ``b``, of ``constant`` and of plain
     gradient descent."""
-    if isinstance(problem, DiagonalGaussianRegression) or (
-        path == "eigen" and isinstance(problem, GaussianLinearRegression)
-    ):
-        # Theory 5.2 is rotation invariant, so the eigenbasis recursion is exact: O(K d).
+    gaussian_features = problem.is_quadratic and problem.is_online
+    if gaussian_features and path == "eigen":
+        # docs/theory.md §5.2 is rotation invariant, so the eigenbasis recursion is exact: O(K d).
         e = eig._eigen_form(problem)
         losses = [eig._diagonal_exact(e, 1.0 / x, lr) for x in (b, constant)]
         gd = eig._diagonal_exact(e, jnp.zeros_like(constant), lr)
@@ -251,8 +249,8 @@ def _resolve_path(problem, path: str) -> str:
     supported = eig._supports_eigen(problem)
     if path == "eigen" and not supported:
         raise ValueError(
-            "path: 'eigen' needs DiagonalGaussianRegression, GaussianLinearRegression or "
-            f"LinearRegressionData, got {type(problem).__name__}"
+            "path: 'eigen' needs a quadratic problem (DiagonalGaussianRegression, "
+            f"GaussianLinearRegression or LinearRegressionData), got {type(problem).__name__}"
         )
     if path == "auto":
         return "eigen" if supported else "dense"
