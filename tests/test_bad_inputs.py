@@ -275,3 +275,56 @@ def test_bad_input_is_refused(kind, value, fragment, tmp_path, capsys, monkeypat
         assert "Traceback" not in err and "INTERNAL" not in err
     assert _snapshot(tmp_path) == before  # nothing written or changed
     assert not os.path.exists(tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------------
+# bad values under jit / vmap (issue 13 item 5): an error at run time, never a number
+# ------------------------------------------------------------------------------------------------
+def _traced_cases():
+    import equinox as eqx
+    import jax
+
+    g = _gaussian()
+    b = jnp.full(20, 4.0)
+    jit = eqx.filter_jit
+    return {
+        "optimal_schedule lr < 0": (jit(lambda h: js.optimal_schedule(g, lr=h, steps=20, samples=80)
+                                        .predicted_loss), -0.05),
+        "optimal_schedule lr NaN": (jit(lambda h: js.optimal_schedule(g, lr=h, steps=20, samples=80)
+                                        .batch_sizes), jnp.nan),
+        "expected_loss batch < 0": (jit(lambda x: js.expected_loss(g, x, lr=LR)), -b),
+        "sensitivity lr < 0": (jit(lambda h: js.sensitivity(g, lr=h, steps=20)), -0.05),
+        "exact_expected_loss batch < 0": (jit(lambda x: js.exact_expected_loss(g, x, lr=LR)), -b),
+        # 2000 steps at lr 3 (|1 - 3 lam_max| = 2): the second moments overflow to inf
+        "exact_expected_loss diverges": (jit(lambda h: js.exact_expected_loss(g, jnp.ones(2000), lr=h)),
+                                         3.0),
+        "simulate_sgd lr < 0": (jit(lambda h: js.simulate_sgd(g, b, lr=h, num_paths=4,
+                                                            key=jax.random.key(0)).mean), -0.05),
+        "GaussianLinearRegression cov not PD": (
+            jit(lambda c: js.GaussianLinearRegression(c, jnp.ones(2), jnp.zeros(2), 0.5).cov),
+            jnp.asarray([[1.0, 2.0], [2.0, 1.0]])),
+        "GaussianLinearRegression noise_var < 0": (
+            jit(lambda s: js.GaussianLinearRegression(jnp.eye(2), jnp.ones(2), jnp.zeros(2), s).noise_var),
+            -1.0),
+        "vmap optimal_schedule lr < 0": (
+            jax.vmap(lambda h: js.optimal_schedule(g, lr=h, steps=20, samples=80).predicted_loss),
+            jnp.asarray([0.05, -0.05])),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_traced_cases()))
+def test_bad_traced_value_raises(name):
+    import equinox as eqx
+
+    fn, arg = _traced_cases()[name]
+    with pytest.raises((eqx.EquinoxRuntimeError, ValueError, FloatingPointError)):
+        out = fn(arg)
+        # an error raised lazily must surface when the value is used
+        np.asarray(out)
+
+
+def test_exact_loss_diverging_eagerly_raises_and_throw_false_returns_it():
+    g = _gaussian()
+    with pytest.raises(FloatingPointError, match="stab"):
+        js.exact_expected_loss(g, jnp.ones(2000), lr=3.0)
+    assert not np.isfinite(float(js.exact_expected_loss(g, jnp.ones(2000), lr=3.0, throw=False)))

@@ -298,12 +298,27 @@ def exact_expected_loss(
     *,
     lr: ScalarLike | None = None,
     optimizer: AbstractOptimizer | None = None,
+    throw: bool = True,
 ) -> Scalar:
     """Exact ``E f(x_K)`` after ``K = len(batch_sizes)`` steps (docs/theory.md §5.2, 5.3, 7).
 
-    See ``exact_loss_trajectory`` for arguments and errors; this returns its last entry.
+    See ``exact_loss_trajectory`` for arguments and errors; this returns its last entry. With
+    ``throw=True`` (default) a loss that is not finite — SGD mean-square unstable for this learning
+    rate and schedule (docs/theory.md §8) — raises instead of returning NaN/inf: eagerly a
+    ``FloatingPointError`` saying what to change, under ``jit``/``vmap`` through ``eqx.error_if``.
+    ``throw=False`` returns the number (the sweep reports it with a status).
     """
-    return exact_loss_trajectory(problem, batch_sizes, lr=lr, optimizer=optimizer)[-1]
+    loss = exact_loss_trajectory(problem, batch_sizes, lr=lr, optimizer=optimizer)[-1]
+    if not throw:
+        return loss
+    message = ("the exact expected loss is not finite: SGD is mean-square unstable for this learning "
+               "rate and schedule (use a smaller lr or larger batches; js.stability_batch gives the "
+               "threshold)")
+    if _is_concrete(loss):
+        if not np.isfinite(float(loss)):
+            raise FloatingPointError(message)
+        return loss
+    return eqx.error_if(loss, ~jnp.isfinite(loss), message)
 
 
 def exact_gd_loss(

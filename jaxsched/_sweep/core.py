@@ -94,7 +94,7 @@ def _exact_losses(problem, b, constant, lr, steps, path):
         losses = [eig._diagonal_exact(e, 1.0 / x, lr) for x in (b, constant)]
         gd = eig._diagonal_exact(e, jnp.zeros_like(constant), lr)
     else:
-        losses = [exact_expected_loss(problem, x, lr=lr) for x in (b, constant)]
+        losses = [exact_expected_loss(problem, x, lr=lr, throw=False) for x in (b, constant)]
         gd = exact_gd_loss(problem, lr=lr, steps=steps)
     return losses[0], losses[1], gd
 
