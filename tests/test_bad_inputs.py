@@ -328,3 +328,10 @@ def test_exact_loss_diverging_eagerly_raises_and_throw_false_returns_it():
     with pytest.raises(FloatingPointError, match="stab"):
         js.exact_expected_loss(g, jnp.ones(2000), lr=3.0)
     assert not np.isfinite(float(js.exact_expected_loss(g, jnp.ones(2000), lr=3.0, throw=False)))
+
+
+def test_float32_x0_with_float64_functions_is_refused_naming_x0():
+    # issue 13 item 11: this used to fail deep inside diffrax with a dtype mismatch
+    with pytest.raises(ValueError, match="x0"):
+        js.Problem(lambda x: jnp.sum(jnp.asarray([1.0, 2.0]) * x**2), lambda x: jnp.eye(2),
+                   np.zeros(2, np.float32))

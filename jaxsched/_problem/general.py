@@ -71,16 +71,21 @@ class Problem(AbstractProblem):
 
     def _check_shapes(self) -> None:
         d = self.x0.shape[0]
-        out = jax.eval_shape(lambda x: self._call(self.loss, x), self.x0)
-        if out.shape != ():
-            raise ValueError(f"loss: must return a scalar, got shape {out.shape}")
-        out = jax.eval_shape(lambda x: self._call(self.noise_cov, x), self.x0)
-        if out.shape != (d, d):
-            raise ValueError(f"noise_cov: must return a ({d}, {d}) matrix, got shape {out.shape}")
+        checks = [("loss", self.loss, ()), ("noise_cov", self.noise_cov, (d, d))]
         if self.terminal is not None:
-            out = jax.eval_shape(lambda x: self._call(self.terminal, x), self.x0)
-            if out.shape != ():
-                raise ValueError(f"terminal: must return a scalar, got shape {out.shape}")
+            checks.append(("terminal", self.terminal, ()))
+        for name, fn, shape in checks:
+            out = jax.eval_shape(lambda x, fn=fn: self._call(fn, x), self.x0)
+            if out.shape != shape:
+                what = "a scalar" if shape == () else f"a {shape} matrix"
+                raise ValueError(f"{name}: must return {what}, got shape {out.shape}")
+            # A float64 constant inside a float32 problem (jax_enable_x64 on) would otherwise fail
+            # deep inside the ODE solver with a dtype mismatch.
+            if out.dtype != self.x0.dtype:
+                raise ValueError(
+                    f"x0: has dtype {self.x0.dtype} but {name} returns {out.dtype} (with "
+                    "jax_enable_x64 on, Python floats and jnp.eye/jnp.array constants are float64): "
+                    "give x0 in the functions' dtype or make them return x0's dtype")
 
     def value(self, x):
         return self._call(self.loss, x)
