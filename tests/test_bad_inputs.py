@@ -335,3 +335,11 @@ def test_float32_x0_with_float64_functions_is_refused_naming_x0():
     with pytest.raises(ValueError, match="x0"):
         js.Problem(lambda x: jnp.sum(jnp.asarray([1.0, 2.0]) * x**2), lambda x: jnp.eye(2),
                    np.zeros(2, np.float32))
+
+
+def test_nan_loss_or_covariance_at_x0_is_named():
+    # issue 13 item 11: these used to surface as "maximum number of solver steps"
+    with pytest.raises(ValueError, match="loss"):
+        js.Problem(lambda x: jnp.sum(x**2) * jnp.nan, lambda x: jnp.eye(2), np.zeros(2))
+    with pytest.raises(ValueError, match="noise_cov"):
+        js.Problem(lambda x: jnp.sum(x**2), lambda x: jnp.eye(2) * jnp.nan, np.zeros(2))

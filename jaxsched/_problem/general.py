@@ -58,6 +58,8 @@ class Problem(AbstractProblem):
         low = jnp.linalg.eigvalsh(0.5 * (S + S.T))[0] / scale
         msg = "noise_cov: must return a symmetric positive semi-definite matrix at x0"
         if _is_concrete(self.x0, self.args):
+            if not bool(jnp.isfinite(self._call(self.loss, self.x0))):
+                raise ValueError("loss: returns NaN or an infinite value at x0")
             if not bool(jnp.all(jnp.isfinite(S))):
                 raise ValueError("noise_cov: returns NaN or infinite values at x0")
             if float(asym) > 1e-10 or float(low) < -1e-10:
