@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .._misc import _is_concrete
+from .._solution import RESULTS
 from .._types import Array, ArrayLike, Float, Int, ScalarLike
 
 __all__ = ["first_order_objective", "integer_optimum", "relaxed_optimum"]
@@ -132,10 +134,26 @@ def _check_budget(
     return n, lo, hi
 
 
+def _infeasible(steps: int, samples: Array, lo: Array, hi: Array) -> Array:
+    """True where the budget rule ``steps * lo <= samples <= steps * hi``, ``lo <= hi`` fails."""
+    return (samples < steps * lo) | (samples > steps * hi) | (hi < lo)
+
+
+def budget_result(steps: int, samples: Array, lo: Array, hi: Array) -> RESULTS:
+    """``RESULTS.infeasible_budget`` where the (traced) budget breaks the budget rule, else
+    ``successful``: the code a compiled core returns instead of raising inside (traced)."""
+    return RESULTS.where(_infeasible(steps, samples, lo, hi), RESULTS.infeasible_budget,
+                         RESULTS.successful)
+
+
 def _guard_feasible(out: Array, samples: Array, lo: Array, hi: Array) -> Array:
-    """Inside jit the budget can not be checked eagerly: fail loudly instead of returning junk."""
-    steps = out.shape[0]
-    bad = (samples < steps * lo) | (samples > steps * hi) | (hi < lo)
+    """The budget rule for values that could not be checked eagerly, applied by an entry function
+    *outside* its compiled core and only when the budget is traced by the caller's ``jit``/``vmap``
+    (concrete budgets were refused on the host by :func:`_check_budget`): ``eqx.error_if`` then
+    raises when the caller's program runs instead of returning junk."""
+    if _is_concrete(samples, lo, hi):
+        return out
+    bad = _infeasible(out.shape[-1], samples, lo, hi)
     return eqx.error_if(out, bad, "samples: infeasible for steps, min_batch and max_batch")
 
 
@@ -239,8 +257,7 @@ def _relaxed_core(phi, samples, lo, hi):
     b = _scale_clip(jnp.sqrt(jnp.maximum(phi, 0.0)), samples, lo, hi)
     n_pos = jnp.sum(phi > 0)
     excess = jnp.maximum(samples - n_pos * hi - (steps - n_pos) * lo, 0.0)
-    b = b + _fill_nonpositive(phi, excess, lo, hi, integer=False)
-    return _guard_feasible(b, samples, lo, hi)
+    return b + _fill_nonpositive(phi, excess, lo, hi, integer=False)
 
 
 def relaxed_optimum(
@@ -275,7 +292,8 @@ def relaxed_optimum(
     phi = _check_steps_array("phi", phi)
     n, lo, hi = _check_budget(phi.shape[0], samples, min_batch, max_batch, integer=False)
     dtype = phi.dtype
-    return _relaxed_core(phi, n.astype(dtype), lo.astype(dtype), hi.astype(dtype))
+    n, lo, hi = n.astype(dtype), lo.astype(dtype), hi.astype(dtype)
+    return _guard_feasible(_relaxed_core(phi, n, lo, hi), n, lo, hi)
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,13 +388,11 @@ def _integer_positive(phi, target, lo, hi):
 @eqx.filter_jit
 def _integer_core(phi, samples, lo, hi):
     steps = phi.shape[0]
-    feasible_hi = hi
     hi = jnp.minimum(hi, samples - (steps - 1) * lo)  # implied bound; keeps everything finite
     n_pos = jnp.sum(phi > 0)
     target = jnp.clip(samples, steps * lo, n_pos * hi + (steps - n_pos) * lo)
     b = _integer_positive(phi, target, lo, hi)
-    b = b + _fill_nonpositive(phi, samples - target, lo, hi, integer=True)
-    return _guard_feasible(b, samples, lo, feasible_hi)
+    return b + _fill_nonpositive(phi, samples - target, lo, hi, integer=True)
 
 
 def integer_optimum(
@@ -415,4 +431,5 @@ def integer_optimum(
     phi = _check_steps_array("phi", phi)
     n, lo, hi = _check_budget(phi.shape[0], samples, min_batch, max_batch, integer=True)
     dtype = jnp.result_type(n.dtype, lo.dtype, hi.dtype)
-    return _integer_core(phi, n.astype(dtype), lo.astype(dtype), hi.astype(dtype))
+    n, lo, hi = n.astype(dtype), lo.astype(dtype), hi.astype(dtype)
+    return _guard_feasible(_integer_core(phi, n, lo, hi), n, lo, hi)

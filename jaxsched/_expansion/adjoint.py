@@ -17,7 +17,7 @@ from __future__ import annotations
 import diffrax
 import jax.numpy as jnp
 
-from .._solution import RESULTS, combine
+from .._solution import RESULTS, combine, finish
 from . import _common as cm
 from .sensitivity import AbstractSensitivity, FirstOrderParts
 
@@ -50,8 +50,10 @@ def _adjoint_field(sigma, y, args):
 
 def first_order_solves(problem, units: cm.StepUnits, rtol, atol, solver, steps, max_steps=None,
                        throw=True) -> FirstOrderParts:
-    """The forward and backward solves of the dense method (traced). With ``throw=True`` a solver
-    failure raises; otherwise it is in the result's ``result``."""
+    """The forward and backward solves of the dense method (traced). The solves run with diffrax's
+    ``throw=False``; a failure is in the result's ``result``, and with ``throw=True`` it also
+    raises through ``eqx.error_if`` when the caller's program runs (the library's own entries pass
+    ``throw=False`` and apply the throw rule on the host)."""
     x0 = problem.x0
     dtype = x0.dtype
     d = x0.shape[0]
@@ -74,7 +76,7 @@ def first_order_solves(problem, units: cm.StepUnits, rtol, atol, solver, steps, 
         stepsize_controller=cm.controller(rtol, atol, jump_ts=jumps),
         adjoint=cm.checkpointed(max_steps, 2 * d, itemsize),
         max_steps=max_steps,
-        throw=throw,
+        throw=False,
     )
     xT = fwd.ys[0][-1]
     mcT = fwd.ys[1][-1]
@@ -94,12 +96,12 @@ def first_order_solves(problem, units: cm.StepUnits, rtol, atol, solver, steps, 
         stepsize_controller=cm.controller(rtol, atol, jump_ts=jumps, step_ts=boundaries),
         adjoint=cm.checkpointed(max_steps, d * d + d + 1, itemsize),
         max_steps=max_steps,
-        throw=throw,
+        throw=False,
     )
     q = bwd.ys[2][::-1]  # q(0), ..., q(K)
     drift = gF @ mcT + units.lag * (gF @ problem.gradient(xT))
     phi = q[:-1] - q[1:]
-    return FirstOrderParts(
+    parts = FirstOrderParts(
         phi=phi,
         base_loss=problem.terminal_value(xT),
         correction=drift / units.mean_step,
@@ -108,6 +110,7 @@ def first_order_solves(problem, units: cm.StepUnits, rtol, atol, solver, steps, 
         result=combine(RESULTS.promote(fwd.result), RESULTS.promote(bwd.result)),
         x_final=xT,
     )
+    return finish(parts.result, throw, parts)
 
 
 class DenseAdjoint(AbstractSensitivity):

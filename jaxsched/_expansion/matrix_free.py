@@ -62,9 +62,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._misc import _is_concrete
-from .sensitivity import AbstractSensitivity, FirstOrderParts, _finish_parts
-from .._solution import RESULTS
+from .._solution import RESULTS, combine, finish, first_failure
 from .._types import Array, Float, Int, Scalar, StepArray, Vector
+from .sensitivity import AbstractSensitivity, FirstOrderParts, _finish_parts
 
 __all__ = [
     "MatrixFreeSensitivity",
@@ -111,6 +111,7 @@ class MatrixFreeSensitivity(eqx.Module):
         exact: whether all examples were used.
         sampling: ``"exact"``, ``"importance"`` or ``"uniform"``.
         memory: the compiled computation's :class:`MemoryStats` when ``memory_analysis=True``.
+        result: a :class:`jaxsched.RESULTS` code (the first failed ODE solve, if any).
     """
 
     phi: StepArray
@@ -124,6 +125,7 @@ class MatrixFreeSensitivity(eqx.Module):
     exact: bool = eqx.field(static=True)
     sampling: str = eqx.field(static=True)
     memory: MemoryStats | None = eqx.field(static=True, default=None)
+    result: RESULTS = eqx.field(default_factory=lambda: RESULTS.successful)
 
 
 def _panel_sizes(steps: int, steps_per_panel: int) -> list[int]:
@@ -217,8 +219,9 @@ def _solve(field, y0, t0, t1, dt0, args, solver, rtol, atol, max_steps):
         saveat=diffrax.SaveAt(t1=True),
         stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
         max_steps=max_steps,
+        throw=False,  # the outcome is returned as a code (no host callback in the core)
     )
-    return jax.tree_util.tree_map(lambda leaf: leaf[-1], sol.ys)
+    return jax.tree_util.tree_map(lambda leaf: leaf[-1], sol.ys), RESULTS.promote(sol.result)
 
 
 @eqx.filter_jit
@@ -237,22 +240,27 @@ def _matrix_free_core(problem, lr, rtol, atol, tau, index_chunks, mask_chunks, s
         def chunk(inp):
             idx, mask = inp
             W0 = (problem.per_example_gradients(x, idx) - gbar) * mask[:, None]
-            xT, WT, ZT = _solve(_second_variation_field, (x, W0, jnp.zeros_like(W0)), t, T,
+            (xT, WT, ZT), result = _solve(_second_variation_field, (x, W0, jnp.zeros_like(W0)), t, T,
                                 dt0, args, solver, rtol, atol, max_steps)
             gF = problem.terminal_gradient(xT)
             HFW = jax.vmap(lambda w: jax.jvp(problem.terminal_gradient, (xT,), (w,))[1])(WT)
-            return 0.5 * (jnp.sum(WT * HFW, axis=1) + ZT @ gF) * mask
+            return 0.5 * (jnp.sum(WT * HFW, axis=1) + ZT @ gF) * mask, result
 
-        return jax.lax.map(chunk, (index_chunks, mask_chunks)).reshape(-1)
+        q, results = jax.lax.map(chunk, (index_chunks, mask_chunks))
+        return q.reshape(-1), first_failure(results)
 
     def scan_node(carry, t):
-        t_prev, x_prev = carry
+        t_prev, x_prev, result = carry
         # The path is integrated node to node, so only one state vector is ever stored.
-        x = _solve(_flow_field, x_prev, t_prev, t, dt0, args, solver, rtol, atol, max_steps)
-        return (t, x), node_value(x, t)
+        x, path_result = _solve(_flow_field, x_prev, t_prev, t, dt0, args, solver, rtol, atol,
+                                max_steps)
+        q, node_result = node_value(x, t)
+        return (t, x, combine(result, path_result, node_result)), q
 
-    _, q_nodes = jax.lax.scan(scan_node, (jnp.zeros((), dtype), problem.x0), times)
-    return q_nodes  # (nodes, padded examples)
+    init = (jnp.zeros((), dtype), problem.x0, RESULTS.successful)
+    (_, _, result), q_nodes = jax.lax.scan(scan_node, init, times)
+    # (nodes, padded examples) and the first failure of all the solves
+    return q_nodes, result
 
 
 @eqx.filter_jit
@@ -270,7 +278,7 @@ def _importance_core(problem, lr, rtol, atol, tau, node_weights, solver, max_ste
     def scan_node(carry, inp):
         t_prev, x_prev, acc = carry
         t, omega = inp
-        x = _solve(_flow_field, x_prev, t_prev, t, dt0, args, solver, rtol, atol, max_steps)
+        x, _ = _solve(_flow_field, x_prev, t_prev, t, dt0, args, solver, rtol, atol, max_steps)
         gbar = problem.gradient(x)
         sq = jax.lax.map(
             lambda i: jnp.sum((problem.per_example_gradients(x, i) - gbar) ** 2, axis=1), idx)
@@ -386,6 +394,7 @@ def sensitivity_matrix_free(
     max_steps: int = 16384,
     sampling: str = "importance",
     memory_analysis: bool = False,
+    throw: bool = True,
 ) -> MatrixFreeSensitivity:
     """Per-step sensitivities ``phi_k`` (theory 4) without forming any ``d x d`` matrix.
 
@@ -426,6 +435,8 @@ def sensitivity_matrix_free(
         sampling: ``"importance"`` (default) or ``"uniform"`` subsampling (module docstring).
         memory_analysis: compile ahead of time and record XLA's memory analysis of the compiled
             computation in ``result.memory`` (same single compilation, not cached across calls).
+        throw: raise :class:`jaxsched.SolveError` (after the call) when an ODE solve failed
+            (default); with ``throw=False`` the outcome is in ``result``.
 
     Returns:
         A :class:`MatrixFreeSensitivity` with ``phi``, ``stderr``, ``node_times``, ``phi_nodes``
@@ -442,13 +453,14 @@ def sensitivity_matrix_free(
     if memory_analysis:
         compiled = _matrix_free_core.lower(*prep.core_args).compile()
         memory = _memory_stats(compiled)
-        q_nodes = compiled(*prep.core_args)[:, :m]
+        q_nodes, result = compiled(*prep.core_args)
     else:
-        q_nodes = _matrix_free_core(*prep.core_args)[:, :m]
-    return _finish(prep, q_nodes, memory)
+        q_nodes, result = _matrix_free_core(*prep.core_args)
+    out = _finish(prep, q_nodes[:, :m], memory, result)
+    return finish(result, throw, out)
 
 
-def _finish(prep: _Prepared, q_nodes, memory) -> MatrixFreeSensitivity:
+def _finish(prep: _Prepared, q_nodes, memory, result=RESULTS.successful) -> MatrixFreeSensitivity:
     """Per-step estimates and standard errors from the per-sample node values ``q_i(t_j)``."""
     m, n = prep.m, prep.n
     q_nodes = q_nodes * prep.ratios  # importance weights 1 / (n p_i); ones otherwise
@@ -472,6 +484,7 @@ def _finish(prep: _Prepared, q_nodes, memory) -> MatrixFreeSensitivity:
         exact=prep.mode == "exact",
         sampling=prep.mode,
         memory=memory,
+        result=result,
     )
 
 
@@ -600,9 +613,11 @@ class MatrixFree(AbstractSensitivity):
         mf = sensitivity_matrix_free(
             problem, lr=h, steps=steps, num_examples=self.num_examples, chunk_size=self.chunk_size,
             key=self.key, nodes_per_panel=self.nodes_per_panel, steps_per_panel=self.steps_per_panel,
-            rtol=rtol, atol=atol, solver=solver, max_steps=self.max_steps, sampling=self.sampling)
+            rtol=rtol, atol=atol, solver=solver, max_steps=self.max_steps, sampling=self.sampling,
+            throw=False)
         base, drift, xT, result = _base_and_drift(problem, units, steps, rtol, atol, solver,
                                                   self.max_steps)
         parts = FirstOrderParts(phi=mf.phi, base_loss=base, correction=drift / units.mean_step,
-                                step_sizes=units.s, phi_stderr=mf.stderr, result=result, x_final=xT)
-        return _finish_parts(parts, throw)
+                                step_sizes=units.s, phi_stderr=mf.stderr,
+                                result=combine(mf.result, result), x_final=xT)
+        return _finish_parts(parts, throw, units)

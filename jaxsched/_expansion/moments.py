@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from .._misc import as_batch_sizes
 from .._problem.base import check_problem
-from .._solution import RESULTS
+from .._solution import RESULTS, finish
 from .._types import Array, Int, Matrix, Scalar, Vector
 from . import _common as cm
 
@@ -67,8 +67,18 @@ def _moment_field(sigma, y, args):
     return (-s * g, dP, dm, dmc)
 
 
+def _expansion_core(problem, batch_sizes, units, rtol, atol, solver, throw=False) -> Expansion:
+    """The compiled moment solve, then the throw rule (on the host when the values are
+    concrete); callable inside a caller's trace with ``throw=False``."""
+    out = _expansion_solve(problem, batch_sizes, units, rtol, atol, solver)
+    return finish(out.result, throw, out)
+
+
 @eqx.filter_jit
-def _expansion_core(problem, batch_sizes, units, rtol, atol, solver, throw):
+def _expansion_solve(problem, batch_sizes, units, rtol, atol, solver) -> Expansion:
+    """One compiled program per problem structure and ``steps`` (no host callback: diffrax runs
+    with ``throw=False`` and the outcome is the returned ``result``, ``invalid_value`` for
+    non-positive or non-finite step sizes or batch sizes)."""
     steps = batch_sizes.shape[0]
     x0 = problem.x0
     dtype = x0.dtype
@@ -89,9 +99,11 @@ def _expansion_core(problem, batch_sizes, units, rtol, atol, solver, throw):
         stepsize_controller=cm.controller(rtol, atol, jump_ts=jump_ts if steps > 1 else None),
         adjoint=cm.checkpointed(max_steps, d * d + 3 * d, jnp.dtype(dtype).itemsize),
         max_steps=max_steps,
-        throw=throw,
+        throw=False,
     )
     xT, PT, mT, mcT = (leaf[-1] for leaf in sol.ys)
+    invalid = (~jnp.all(jnp.isfinite(units.s) & (units.s > 0))
+               | ~jnp.all(jnp.isfinite(batch_sizes) & (batch_sizes > 0)))
     gF = problem.terminal_gradient(xT)
     HF = problem.terminal_hessian(xT)
     h = units.mean_step
@@ -109,7 +121,7 @@ def _expansion_core(problem, batch_sizes, units, rtol, atol, solver, throw):
         m_final=mT / h,
         mc_final=mcT / h,
         num_steps=sol.stats["num_steps"],
-        result=RESULTS.promote(sol.result),
+        result=RESULTS.where(invalid, RESULTS.invalid_value, RESULTS.promote(sol.result)),
     )
 
 
@@ -128,8 +140,10 @@ def expansion(problem, batch_sizes, *, lr=None, optimizer=None, rtol=None, atol=
         rtol, atol: tolerances of the adaptive step controller (defaults 1e-9/1e-12 in float64,
             1e-5/1e-7 in float32); array leaves, so changing them does not recompile.
         solver: a diffrax ODE solver (default ``Tsit5``).
-        throw: raise when the solve fails (default); with ``throw=False`` the failure is in
-            ``result`` (a :class:`jaxsched.RESULTS` code) instead.
+        throw: raise when the solve fails (default; a :class:`jaxsched.SolveError` after the
+            call, or an ``EquinoxRuntimeError`` when this call is traced by the caller's own
+            ``jit``/``vmap``); with ``throw=False`` the failure is in ``result`` (a
+            :class:`jaxsched.RESULTS` code) instead. Either way the same program is compiled.
 
     Returns:
         An :class:`Expansion` with ``predicted_loss = F(x_T) + h J1`` and its parts; differentiable
@@ -138,6 +152,11 @@ def expansion(problem, batch_sizes, *, lr=None, optimizer=None, rtol=None, atol=
     Raises:
         ValueError: naming the argument, for ``lr <= 0``, bad ``batch_sizes`` or a non-problem.
     """
+    if getattr(optimizer, "is_adaptive", False):  # Adam / RMSprop: the moment model of §9
+        from .adaptive import adaptive_expansion
+
+        return adaptive_expansion(problem, batch_sizes, lr=lr, optimizer=optimizer, rtol=rtol,
+                                  atol=atol, solver=solver, throw=throw)
     check_problem(problem)
     b = as_batch_sizes(batch_sizes)
     dtype = problem.x0.dtype

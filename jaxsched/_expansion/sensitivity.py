@@ -83,22 +83,48 @@ class AbstractSensitivity(eqx.Module):
         """Refuse, eagerly and naming the argument, a problem or optimizer this method cannot do."""
 
     def compute(self, problem, units: cm.StepUnits, steps: int, rtol, atol, solver, throw: bool):
-        """The parts, with the throw rule applied (default: ``parts`` inside one jitted call; a
+        """The parts, with the throw rule applied on the host after the call (default: ``parts``
+        inside one jitted call, the same compiled program for ``throw=True`` and ``False``; a
         method with host-side work, such as drawing a subsample, overrides this)."""
-        return _parts_core(self, problem, units, steps, rtol, atol, solver, throw)
+        parts = _parts_core(self, problem, units, steps, rtol, atol, solver)
+        return finish(parts.result, throw, parts)
 
 
-def _finish_parts(parts: FirstOrderParts, throw: bool) -> FirstOrderParts:
+def _invalid_units(units: cm.StepUnits):
+    """True when a (traced) step size is not finite and > 0: a code, not a raise, inside jit."""
+    s = units.s
+    return ~jnp.all(jnp.isfinite(s) & (s > 0)) | ~jnp.isfinite(units.drift_factor)
+
+
+def _coded_parts(parts: FirstOrderParts, units: cm.StepUnits) -> FirstOrderParts:
+    """``parts`` with its result set to ``invalid_value`` for bad step sizes and to
+    ``nonfinite_sensitivity`` for a non-finite ``phi`` or base loss (when it was successful)."""
     bad = ~jnp.all(jnp.isfinite(parts.phi)) | ~jnp.isfinite(parts.base_loss)
     result = RESULTS.where(bad & (parts.result == RESULTS.successful), RESULTS.nonfinite_sensitivity,
                            parts.result)
-    parts = eqx.tree_at(lambda p: p.result, parts, result)
-    return finish(result, throw, parts)
+    result = RESULTS.where(_invalid_units(units), RESULTS.invalid_value, result)
+    return eqx.tree_at(lambda p: p.result, parts, result)
+
+
+def _finish_parts(parts: FirstOrderParts, throw: bool, units: cm.StepUnits | None = None
+                  ) -> FirstOrderParts:
+    """Code the result of ``parts`` (see :func:`_coded_parts`) and apply the throw rule; outside
+    a jitted core only (it raises on the host when the values are concrete)."""
+    if units is not None:
+        parts = _coded_parts(parts, units)
+    else:
+        bad = ~jnp.all(jnp.isfinite(parts.phi)) | ~jnp.isfinite(parts.base_loss)
+        result = RESULTS.where(bad & (parts.result == RESULTS.successful),
+                               RESULTS.nonfinite_sensitivity, parts.result)
+        parts = eqx.tree_at(lambda p: p.result, parts, result)
+    return finish(parts.result, throw, parts)
 
 
 @eqx.filter_jit
-def _parts_core(method, problem, units, steps, rtol, atol, solver, throw):
-    return _finish_parts(method.parts(problem, units, steps, rtol, atol, solver), throw)
+def _parts_core(method, problem, units, steps, rtol, atol, solver):
+    """One compiled program per method, problem structure and ``steps``: the parts with their
+    result code (no host callback inside, so the persistent compilation cache keeps it)."""
+    return _coded_parts(method.parts(problem, units, steps, rtol, atol, solver), units)
 
 
 #: Above this dimension a finite-data problem that is not quadratic defaults to the matrix-free

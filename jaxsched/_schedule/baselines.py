@@ -47,7 +47,6 @@ def _round_core(beta, samples, lo, hi):
     """Traced body of ``round_to_budget`` (integer ``samples``, ``lo``, ``hi``)."""
     steps = beta.shape[0]
     fdtype = jnp.result_type(beta.dtype, float)
-    feasible_hi = hi
     hi = jnp.minimum(hi, samples - (steps - 1) * lo)  # implied by the budget; keeps it finite
     n_f, lo_f, hi_f = (x.astype(fdtype) for x in (samples, lo, hi))
     w = jnp.maximum(beta.astype(fdtype), 0.0)
@@ -77,11 +76,19 @@ def _round_core(beta, samples, lo, hi):
         b = b.at[up].add((gap > 0).astype(b.dtype))
         return b.at[down].add(-(gap < 0).astype(b.dtype))
 
-    b = lax.while_loop(lambda b: jnp.sum(b) != samples, move, b)
-    return _guard_feasible(b, samples, lo, feasible_hi)
+    return lax.while_loop(lambda b: jnp.sum(b) != samples, move, b)
 
 
+# One compiled program per number of steps (and dtypes), shared by round_to_budget and every
+# baseline family: the families build their real-valued shape on the host (NumPy) when their
+# parameter is concrete, so `jaxsched optimize` compiles one rounding program, not one per family.
 _round_jit = eqx.filter_jit(_round_core)
+
+
+def _rounded(beta, n, lo, hi):
+    """``round_to_budget``'s program, with the budget rule guarded when the budget is traced by
+    the caller (concrete budgets were refused on the host already)."""
+    return _guard_feasible(_round_jit(beta, n, lo, hi), n, lo, hi)
 
 
 def _int_budget(steps, samples, min_batch, max_batch):
@@ -120,27 +127,30 @@ def round_to_budget(
     """
     beta = _check_steps_array("beta", beta)
     n, lo, hi = _int_budget(beta.shape[0], samples, min_batch, max_batch)
-    return _round_jit(beta, n, lo, hi)
+    return _rounded(beta, n, lo, hi)
 
 
 # --------------------------------------------------------------------------------------------
 # baseline families
 # --------------------------------------------------------------------------------------------
-@eqx.filter_jit
-def _constant_core(steps, samples, lo, hi):
-    return _round_core(jnp.ones(steps), samples, lo, hi)
+def _shape(xp, steps: int, family: str, param):
+    """The real-valued shape of a baseline family before rounding, with NumPy (``xp=np``, on the
+    host: no compiled program) or ``jax.numpy`` (a traced parameter)."""
+    dtype = jnp.result_type(float)
+    if family == "constant":
+        return xp.ones(steps, dtype)
+    if family == "ramp":
+        t = xp.linspace(0.0, 1.0, steps, dtype=dtype) if steps > 1 else xp.zeros(1, dtype)
+        return 1.0 + (param - 1.0) * t
+    stage = (xp.arange(steps) * param) // steps
+    return xp.exp2(stage.astype(dtype))
 
 
-@eqx.filter_jit
-def _ramp_core(steps, ratio, samples, lo, hi):
-    t = jnp.linspace(0.0, 1.0, steps) if steps > 1 else jnp.zeros(1)
-    return _round_core(1.0 + (ratio - 1.0) * t, samples, lo, hi)
-
-
-@eqx.filter_jit
-def _doubling_core(steps, stages, samples, lo, hi):
-    stage = (jnp.arange(steps) * stages) // steps
-    return _round_core(jnp.exp2(stage.astype(jnp.result_type(float))), samples, lo, hi)
+def _family(steps: int, family: str, param, budget):
+    xp = jnp if _is_tracer(param) else np
+    value = param if xp is jnp else (None if param is None else np.asarray(param))
+    beta = jnp.asarray(_shape(xp, steps, family, value))
+    return _rounded(beta, *budget)
 
 
 def constant_schedule(
@@ -157,7 +167,7 @@ def constant_schedule(
         ValueError: ``steps`` not a positive int, or an infeasible budget.
     """
     steps = _check_steps(steps)
-    return _constant_core(steps, *_int_budget(steps, samples, min_batch, max_batch))
+    return _family(steps, "constant", None, _int_budget(steps, samples, min_batch, max_batch))
 
 
 def linear_ramp(
@@ -184,7 +194,7 @@ def linear_ramp(
     r = _check_scalar("ratio", ratio, integer=False)
     if not _is_tracer(r) and float(r) <= 0:
         raise ValueError(f"ratio: must be > 0, got {float(r):g}")
-    return _ramp_core(steps, r, *_int_budget(steps, samples, min_batch, max_batch))
+    return _family(steps, "ramp", r, _int_budget(steps, samples, min_batch, max_batch))
 
 
 def step_doubling(
@@ -206,7 +216,7 @@ def step_doubling(
     s = _check_scalar("stages", stages, integer=True)
     if not _is_tracer(s) and not 1 <= int(s) <= steps:
         raise ValueError(f"stages: must be between 1 and steps = {steps}, got {int(s)}")
-    return _doubling_core(steps, s, *_int_budget(steps, samples, min_batch, max_batch))
+    return _family(steps, "doubling", s, _int_budget(steps, samples, min_batch, max_batch))
 
 
 # --------------------------------------------------------------------------------------------
