@@ -3,10 +3,15 @@
 from importlib.metadata import PackageNotFoundError, version as _version
 
 from . import datasets as datasets
+from ._check.adaptive import simulate_adaptive as simulate_adaptive
 from ._check.simulate import (
     SimulationResult as SimulationResult,
     simulate_sde as simulate_sde,
     simulate_sgd as simulate_sgd,
+)
+from ._control.adaptive import (
+    AdaptiveSchedule as AdaptiveSchedule,
+    adaptive_optimal_schedule as adaptive_optimal_schedule,
 )
 from ._control.allocation import (
     first_order_objective as first_order_objective,
@@ -32,6 +37,12 @@ from ._control.progress import (
     TqdmProgress as TqdmProgress,
 )
 from ._control.stages import compress_stages as compress_stages
+from ._expansion.adaptive import (
+    AdaptiveExpansion as AdaptiveExpansion,
+    UntestedRangeWarning as UntestedRangeWarning,
+    adaptive_expansion as adaptive_expansion,
+    adaptive_expected_loss as adaptive_expected_loss,
+)
 from ._expansion.adjoint import DenseAdjoint as DenseAdjoint
 from ._expansion.eigen import Eigenbasis as Eigenbasis, eigen_first_order_parts as eigen_first_order_parts
 from ._expansion.matrix_free import (

@@ -27,7 +27,7 @@ from jaxsched._expansion.adaptive import (
 )
 
 H, K, N = 0.01, 1000, 8000
-PATHS = 600
+PATHS = 400
 
 
 def issue_problem(d=5, seed=0):
@@ -186,3 +186,56 @@ def test_model_warns_outside_tested_range(problem):
         adaptive_expansion(problem, jnp.full(5, 4.0), optimizer=js.Adam(0.01), model="l2")
     with pytest.raises(ValueError, match="optimizer"):
         adaptive_expansion(problem, jnp.full(5, 4.0), optimizer=js.SGD(0.01))
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. the optimum by gradient descent through the model, measured on real optax
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def optima(problem):
+    floor = 0.5 * problem.noise_var
+    baselines = {"ramp": js.linear_ramp(K, N), "doubling": js.step_doubling(K, N)}
+    return {which: js.adaptive_optimal_schedule(problem, optimizer=opt, steps=K, samples=N,
+                                                loss_floor=floor, baselines=baselines)
+            for which, opt in [("adam", js.Adam(H)), ("rmsprop", js.RMSprop(H))]}
+
+
+@pytest.mark.parametrize("which", ["adam", "rmsprop"])
+def test_optimum_beats_constant_on_real_optax(problem, optima, mc_runs, which):
+    res = optima[which]
+    b = np.asarray(res.batch_sizes)
+    assert b.sum() == N and b.min() >= 1
+    assert isinstance(res, js.AdaptiveSchedule)
+    assert res.model == "discrete" and res.level == "L1"
+    assert set(res.gains) == {"constant", "sgd_sqrt_rule", "ramp", "doubling"}
+    _, opt, mc_const, se_const = mc_runs[which, "constant"]
+    # the same key as the constant run: common random numbers make the ratio's error smaller
+    r = simulate_adaptive(problem, b, optimizer=opt, num_paths=PATHS, key=jax.random.key(11))
+    mc_opt, se_opt = float(excess(problem, r.mean())), float(r.stderr())
+    measured = mc_opt / mc_const
+    se_ratio = measured * np.hypot(se_opt / mc_opt, se_const / mc_const)  # ignoring the positive
+    # correlation of common random numbers: an upper bound on the ratio's standard error
+    predicted = res.ratios["constant"]
+    # issue 14: real-Adam loss at most 0.70x the constant's (theory 9.4 measured 0.60 / 0.53)
+    assert measured + 2 * se_ratio <= 0.70 + 0.03, (measured, se_ratio)
+    assert measured <= 0.70
+    # the predicted ratio within 0.03 of the measured one (plus the MC error at this test's size;
+    # experiments/adam_schedules.py checks 0.03 alone at 6000 paths)
+    assert abs(predicted - measured) <= 0.03 + 2 * se_ratio, (predicted, measured, se_ratio)
+    # the model's prediction for the optimum itself, as for the baselines above
+    model = float(excess(problem, res.predicted_loss))
+    assert abs(model / mc_opt - 1) <= 0.03 + 2 * se_opt / mc_opt
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. the public entries dispatch on the optimizer
+# ------------------------------------------------------------------------------------------------
+def test_simulate_sgd_dispatches_to_optax_adam(problem, mc_runs):
+    b, opt, mc_const, _ = mc_runs["adam", "constant"]
+    # the same shapes and key as the fixture's run: no new compile, the same numbers
+    mc = js.simulate_sgd(problem, b, optimizer=opt, num_paths=PATHS, key=jax.random.key(11))
+    assert float(excess(problem, mc.mean())) == mc_const
+    with pytest.raises(ValueError, match="replace"):
+        js.simulate_sgd(problem, b, optimizer=opt, num_paths=2, key=jax.random.key(0),
+                        replace=False)
+

@@ -40,9 +40,9 @@ __all__ = ["simulate_adaptive"]
 
 
 def simulate_adaptive(problem: AbstractProblem, batch_sizes, *, optimizer: AbstractAdaptiveOptimizer,
-                      num_paths: int, key, record_every: int | None = None,
-                      chunk_size: int | None = None, control_variate: bool = False
-                      ) -> SimulationResult:
+                      num_paths: int, key, lr=None, replace: bool | None = None,
+                      record_every: int | None = None, chunk_size: int | None = None,
+                      control_variate: bool = False) -> SimulationResult:
     """Monte Carlo of real minibatch Adam / RMSprop (docs/theory.md §9), ``num_paths`` paths.
 
     Args:
@@ -52,6 +52,9 @@ def simulate_adaptive(problem: AbstractProblem, batch_sizes, *, optimizer: Abstr
         optimizer: :class:`jaxsched.Adam` or :class:`jaxsched.RMSprop` (``lr`` a scalar or ``(K,)``).
         num_paths: number of independent runs.
         key: JAX PRNG key.
+        lr: must be ``None`` (the optimizer holds its learning rate); accepted so that
+            ``simulate_sgd(..., optimizer=js.Adam(...))`` forwards here unchanged.
+        replace: ``None`` or ``True`` (sampling with replacement, the only protocol of §9).
         record_every: also record every path's loss at steps ``0, r, 2r, ..., K``.
         chunk_size: largest block of per-sample gradients held at once (results do not depend on
             it up to rounding).
@@ -70,6 +73,10 @@ def simulate_adaptive(problem: AbstractProblem, batch_sizes, *, optimizer: Abstr
     """
     if not isinstance(optimizer, AbstractAdaptiveOptimizer):
         raise ValueError(f"optimizer: expected js.Adam or js.RMSprop, got {type(optimizer).__name__}")
+    if lr is not None:
+        raise ValueError("lr: give either lr= or optimizer=, not both (the optimizer holds its lr)")
+    if replace is not None and replace is not True:
+        raise ValueError(f"replace: the Adam/RMSprop Monte Carlo samples with replacement, got {replace!r}")
     data = _is_data_problem(problem)
     if not data and not _is_online_problem(problem):
         raise ValueError(

@@ -171,6 +171,13 @@ def simulate_sgd(problem: AbstractProblem, batch_sizes, *, lr=None,
             (``eqx.error_if``): a non-positive rate, a momentum outside ``[0, 1)``, batch sizes
             that are not integers ``>= 1`` (``<= n`` without replacement).
     """
+    if getattr(optimizer, "is_adaptive", False):  # Adam / RMSprop run by optax (docs/theory.md §9)
+        from .adaptive import simulate_adaptive
+
+        return simulate_adaptive(problem, batch_sizes, lr=lr, optimizer=optimizer,
+                                 num_paths=num_paths, key=key, replace=replace,
+                                 record_every=record_every, chunk_size=chunk_size,
+                                 control_variate=control_variate)
     data = _is_data_problem(problem)
     if not data and not _is_online_problem(problem):
         raise ValueError(

@@ -374,12 +374,17 @@ def warn_untested_range(problem, optimizer, covariance: str, stacklevel: int = 3
                       + "; ".join(reasons), UntestedRangeWarning, stacklevel=stacklevel)
 
 
+def _check_no_lr(lr):
+    if lr is not None:
+        raise ValueError("lr: give either lr= or optimizer=, not both (the optimizer holds its lr)")
+
+
 def _check_optimizer(optimizer):
     if not isinstance(optimizer, AbstractAdaptiveOptimizer):
         raise ValueError(f"optimizer: expected js.Adam or js.RMSprop, got {type(optimizer).__name__}")
 
 
-def adaptive_expansion(problem, batch_sizes, *, optimizer, model: str = "discrete",
+def adaptive_expansion(problem, batch_sizes, *, optimizer, lr=None, model: str = "discrete",
                        covariance: str = "full", rtol=None, atol=None, solver=None,
                        throw: bool = True) -> AdaptiveExpansion:
     """The moment model of Adam / RMSprop for a batch schedule (docs/theory.md §9).
@@ -398,6 +403,8 @@ def adaptive_expansion(problem, batch_sizes, *, optimizer, model: str = "discret
         rtol, atol, solver: diffrax options of the continuous form (see
             :func:`jaxsched.expansion`).
         throw: raise when the continuous solve fails (default).
+        lr: must be ``None`` (the optimizer holds its learning rate); accepted so that
+            ``expansion(..., optimizer=js.Adam(...))`` forwards here unchanged.
 
     Returns:
         An :class:`AdaptiveExpansion` (level ``"L1"``).
@@ -412,6 +419,7 @@ def adaptive_expansion(problem, batch_sizes, *, optimizer, model: str = "discret
     """
     check_problem(problem)
     _check_optimizer(optimizer)
+    _check_no_lr(lr)
     model = _check_choice("model", model, MODELS)
     covariance = _check_choice("covariance", covariance, COVARIANCES)
     b = as_batch_sizes(batch_sizes)
@@ -426,10 +434,10 @@ def adaptive_expansion(problem, batch_sizes, *, optimizer, model: str = "discret
                        throw)
 
 
-def adaptive_expected_loss(problem, batch_sizes, *, optimizer, model: str = "discrete",
+def adaptive_expected_loss(problem, batch_sizes, *, optimizer, lr=None, model: str = "discrete",
                            covariance: str = "full", rtol=None, atol=None, solver=None,
                            throw: bool = True) -> Scalar:
     """The model's ``E F(x_K)`` (docs/theory.md §9); see :func:`adaptive_expansion`."""
-    return adaptive_expansion(problem, batch_sizes, optimizer=optimizer, model=model,
+    return adaptive_expansion(problem, batch_sizes, optimizer=optimizer, lr=lr, model=model,
                               covariance=covariance, rtol=rtol, atol=atol, solver=solver,
                               throw=throw).predicted_loss
