@@ -22,6 +22,14 @@ from ._control.free_form import (
     free_form_batch_sizes as free_form_batch_sizes,
     free_form_init as free_form_init,
 )
+from ._control.joint import (
+    JointSchedule as JointSchedule,
+    StepsSamplesFront as StepsSamplesFront,
+    joint_schedule as joint_schedule,
+    largest_safe_lr as largest_safe_lr,
+    practical_schedule as practical_schedule,
+    steps_samples_front as steps_samples_front,
+)
 from ._control.optimal import (
     METHODS as METHODS,
     AbstractControl as AbstractControl,
@@ -29,6 +37,7 @@ from ._control.optimal import (
     ExactDiscrete as ExactDiscrete,
     FirstOrderGradient as FirstOrderGradient,
     OptimalSchedule as OptimalSchedule,
+    RefinedClosedForm as RefinedClosedForm,
     optimal_schedule as optimal_schedule,
 )
 from ._control.progress import (

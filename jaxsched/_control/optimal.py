@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import inspect
+import warnings
 from typing import ClassVar
 
 import equinox as eqx
@@ -32,14 +33,14 @@ from .._misc import _is_concrete, check_steps
 from .._problem.base import check_problem
 from .._solution import RESULTS
 from .._types import Array, Int, IntStepArray, Scalar, StepArray
-from . import allocation as alloc
-from . import free_form as ff
+from . import allocation as alloc, floor as fl, free_form as ff
 from .progress import NoProgress, ProgressMeter, TqdmProgress
+from .refine import refined_phi
 
 __all__ = ["AbstractControl", "ClosedForm", "ExactDiscrete", "FirstOrderGradient", "METHODS",
-           "OptimalSchedule", "optimal_schedule"]
+           "OptimalSchedule", "RefinedClosedForm", "optimal_schedule"]
 
-METHODS = ("closed_form", "gradient", "exact")
+METHODS = ("closed_form", "refined", "gradient", "exact")
 
 
 class OptimalSchedule(eqx.Module):
@@ -59,7 +60,10 @@ class OptimalSchedule(eqx.Module):
         objective_stderr: standard error of ``objective`` from a subsampled (matrix-free)
             sensitivity (an upper bound: per-step errors added as if fully correlated); 0 when exact.
         stability_floor: ``(steps,)`` the lower bound the schedule was clipped to (``min_batch``, or
-            twice the mean-square stability batch where the problem can compute it).
+            ``max(min_batch, 2 b_stab(s_k))`` where the problem can compute the mean-square stability
+            batch ``b_stab``, docs/theory.md §8.2 item 3).
+        clipped_steps: the number of steps where the unclipped optimum lay below
+            ``stability_floor`` (0: the clip did not bind).
         result: a :class:`jaxsched.RESULTS` code.
         method: the control method's name.
     """
@@ -76,6 +80,7 @@ class OptimalSchedule(eqx.Module):
     iterations: Int[Array, ""]
     objective_stderr: Scalar
     stability_floor: StepArray
+    clipped_steps: Int[Array, ""]
     result: RESULTS
     method: str = eqx.field(static=True)
 
@@ -93,10 +98,10 @@ class _Budget(eqx.Module):
 
 
 def _finish(problem, parts: FirstOrderParts, budget: _Budget, beta, batch_sizes, iterations, method,
-            result=RESULTS.successful) -> OptimalSchedule:
+            result=RESULTS.successful, *, phi=None, clipped=0) -> OptimalSchedule:
     steps = parts.phi.shape[0]
     dtype = parts.phi.dtype
-    phi = parts.effective_phi
+    phi = parts.effective_phi if phi is None else phi
     constant = jnp.full(steps, budget.samples / steps, dtype)
     w = problem.noise_weight(jnp.asarray(batch_sizes, dtype))
     return OptimalSchedule(
@@ -113,6 +118,7 @@ def _finish(problem, parts: FirstOrderParts, budget: _Budget, beta, batch_sizes,
         objective_stderr=jnp.sum(jnp.abs(w) * parts.phi_stderr * parts.step_sizes)
         / jnp.mean(parts.step_sizes),
         stability_floor=budget.floor,
+        clipped_steps=jnp.asarray(clipped, jnp.result_type(int)),
         result=RESULTS.where(parts.result == RESULTS.successful, result, parts.result),
         method=method,
     )
@@ -124,10 +130,21 @@ def _allocation_weights(problem, parts: FirstOrderParts) -> StepArray:
     return parts.effective_phi * problem.inverse_batch_coefficient()
 
 
-def _first_order_allocation(problem, parts, budget: _Budget):
-    phi_alloc = _allocation_weights(problem, parts)
+def _clipped_allocation(phi_alloc, budget: _Budget):
+    """``(beta, b, clipped)``: the square-root rule and the exact integer optimum for the weights
+    ``phi_alloc``, with the per-step floor ``budget.floor`` where the unclipped optimum violates it
+    (docs/theory.md §8.2 item 3); ``clipped`` counts the steps where it does."""
     beta = alloc.relaxed_optimum(phi_alloc, budget.samples, min_batch=budget.lo, max_batch=budget.hi)
     b = alloc.integer_optimum(phi_alloc, budget.samples, min_batch=budget.lo, max_batch=budget.hi)
+    clipped = fl.floor_binds(beta, budget.floor)
+    beta_c = fl.relaxed_with_floor(phi_alloc, budget.samples, budget.floor, budget.hi)
+    b_c = fl.integer_with_floor(phi_alloc, budget.samples, budget.floor, budget.hi)
+    bind = clipped > 0
+    return jnp.where(bind, beta_c, beta), jnp.where(bind, b_c, b).astype(b.dtype), clipped
+
+
+def _first_order_allocation(problem, parts, budget: _Budget):
+    beta, b, _ = _clipped_allocation(_allocation_weights(problem, parts), budget)
     return beta, b
 
 
@@ -167,8 +184,31 @@ class ClosedForm(AbstractControl):
     name: ClassVar[str] = "closed_form"
 
     def solve(self, problem, parts, optimizer, budget, rtol, atol, solver, meter):
-        beta, b = _first_order_allocation(problem, parts, budget)
-        return _finish(problem, parts, budget, beta, b, 0, self.name)
+        beta, b, clipped = _clipped_allocation(_allocation_weights(problem, parts), budget)
+        return _finish(problem, parts, budget, beta, b, 0, self.name, clipped=clipped)
+
+
+def _refined_weights(problem, parts: FirstOrderParts, optimizer) -> StepArray:
+    phi_ref = refined_phi(problem, parts, optimizer)
+    return phi_ref * parts.step_sizes / jnp.mean(parts.step_sizes)
+
+
+class RefinedClosedForm(AbstractControl):
+    """The square-root rule on the boundary-layer refined sensitivity of momentum
+    (docs/theory.md §7): ``b_k`` proportional to ``sqrt(s_k phi_ref_k)`` with
+    ``phi_ref_k = beta_k^2 tr(Lam(min(t_k + (1 + L) tau, T)) Sigma(x(t_k)))`` and
+    ``beta_k = 1 - mu^(K-k)`` (Nesterov ``1 - mu^(K-k+1)``), then the exact integer optimum of the
+    refined objective. Equal to :class:`ClosedForm` to first order; for plain SGD the two differ
+    only by the quadrature of ``phi`` over a step. ``phi`` and the objectives of the result are the
+    refined ones; ``predicted_loss`` is the first-order prediction. Non-quadratic problems get the
+    arrival factor ``beta_k^2`` only (see :mod:`jaxsched._control.refine`)."""
+
+    name: ClassVar[str] = "refined"
+
+    def solve(self, problem, parts, optimizer, budget, rtol, atol, solver, meter):
+        phi = _refined_weights(problem, parts, optimizer)
+        beta, b, clipped = _clipped_allocation(phi * problem.inverse_batch_coefficient(), budget)
+        return _finish(problem, parts, budget, beta, b, 0, self.name, phi=phi, clipped=clipped)
 
 
 class FirstOrderGradient(AbstractControl):
@@ -206,7 +246,11 @@ class FirstOrderGradient(AbstractControl):
         # Integers: J1 is affine in w(b), so the exact integer optimum of the first-order objective
         # is defined by phi alone (the linearisation of J1 at beta is phi, to solver tolerance).
         b = alloc.integer_optimum(_allocation_weights(problem, parts), s, min_batch=lo, max_batch=hi)
-        return _finish(problem, parts, budget, beta, b, it, self.name, result)
+        return _finish(problem, parts, budget, beta, b, it, self.name, result,
+                       clipped=fl.floor_binds(beta, budget.floor))
+
+    def check(self, problem) -> None:
+        del problem  # any problem; the stability floor is reported, not imposed (``clipped_steps``)
 
 
 def _exact_loss(problem, b, optimizer):
@@ -242,45 +286,57 @@ class ExactDiscrete(AbstractControl):
 
     def solve(self, problem, parts, optimizer, budget, rtol, atol, solver, meter):
         steps = parts.phi.shape[0]
-        s, lo, hi = budget.samples, budget.lo, budget.hi
-        beta_fo, b_fo = _first_order_allocation(problem, parts, budget)
+        s, hi = budget.samples, budget.hi
+        # Start from the refined rule (theory 7: closer to the exact optimum with momentum).
+        phi_ref = _refined_weights(problem, parts, optimizer) * problem.inverse_batch_coefficient()
+        beta_fo, b_fo, clipped = _clipped_allocation(phi_ref, budget)
+        # b = floor + free-form share of the spare budget: every iterate respects the stability
+        # floor (and min_batch) and the budget by construction.
+        lo_k = budget.floor
+        spare = s - jnp.sum(lo_k)
+        width = None if hi is None else hi - jnp.max(lo_k)
+
+        def batches(theta):
+            return lo_k + ff.free_form_batch_sizes(theta, spare, min_batch=0.0, max_batch=width)
 
         def loss(b):
             return _exact_loss(problem, b, optimizer)
 
-        theta0 = ff.free_form_init(beta_fo, s, min_batch=lo, max_batch=hi)
-        floor = jax.lax.stop_gradient(loss(jnp.full(steps, jnp.inf, beta_fo.dtype)))  # plain GD
-        scale = jax.lax.stop_gradient(loss(beta_fo) - floor)
+        theta0 = ff.free_form_init(jnp.maximum(beta_fo - lo_k, 0.0), spare, min_batch=0.0,
+                                   max_batch=width)
+        gd = jax.lax.stop_gradient(loss(jnp.full(steps, jnp.inf, beta_fo.dtype)))  # plain GD
+        scale = jax.lax.stop_gradient(loss(beta_fo) - gd)
 
         def objective(theta):
-            b = ff.free_form_batch_sizes(theta, s, min_batch=lo, max_batch=hi)
-            return (loss(b) - floor) / scale
+            return (loss(batches(theta)) - gd) / scale
 
         theta, it, result = _lbfgs(objective, theta0, self.max_iter,
                                    jnp.asarray(self.gtol, theta0.dtype), meter)
-        beta = ff.free_form_batch_sizes(theta, s, min_batch=lo, max_batch=hi)
+        beta = batches(theta)
         phi_seen = jax.grad(lambda u: loss(1.0 / u))(1.0 / beta)
-        b_lin = alloc.integer_optimum(phi_seen, s, min_batch=lo, max_batch=hi)
+        _, b_lin, _ = _clipped_allocation(phi_seen, budget)
         b = jnp.where(loss(b_lin) <= loss(b_fo), b_lin, b_fo)
-        return _finish(problem, parts, budget, beta, b, it, self.name, result)
+        return _finish(problem, parts, budget, beta, b, it, self.name, result, clipped=clipped)
 
 
-_ALIASES = {"closed_form": ClosedForm, "gradient": FirstOrderGradient, "exact": ExactDiscrete}
+_ALIASES = {"closed_form": ClosedForm, "refined": RefinedClosedForm, "gradient": FirstOrderGradient,
+            "exact": ExactDiscrete}
 
 
 def _as_control(method, max_iter, gtol) -> AbstractControl:
     if isinstance(method, str):
         if method not in _ALIASES:
             raise ValueError(f"method: must be one of {METHODS} or a control object, got {method!r}")
-        if method == "closed_form":
-            return ClosedForm()
+        if method in ("closed_form", "refined"):
+            return _ALIASES[method]()
         if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
             raise ValueError(f"max_iter: must be an int >= 1, got {max_iter!r}")
         return _ALIASES[method](max_iter=int(max_iter), gtol=gtol)
     if not isinstance(method, AbstractControl):
         raise ValueError(
-            "method: expected 'closed_form', 'gradient', 'exact', js.ClosedForm(), "
-            f"js.FirstOrderGradient() or js.ExactDiscrete(), got {type(method).__name__}")
+            "method: expected 'closed_form', 'refined', 'gradient', 'exact', js.ClosedForm(), "
+            "js.RefinedClosedForm(), js.FirstOrderGradient() or js.ExactDiscrete(), got "
+            f"{type(method).__name__}")
     return method
 
 
@@ -300,15 +356,81 @@ def _as_count(name: str, value, minimum: int = 1) -> Array:
     return arr.astype(jnp.result_type(float))
 
 
-def _budget(problem, steps, samples, min_batch, max_batch, dtype) -> _Budget:
+def _budget(problem, steps, samples, min_batch, max_batch, dtype, floor=None) -> _Budget:
     lo = _as_count("min_batch", min_batch).astype(dtype)
     n = _as_count("samples", samples).astype(dtype)
     hi = None if max_batch is None else _as_count("max_batch", max_batch).astype(dtype)
     cap = problem.batch_cap()
     n, lo, hi_checked = alloc._check_budget(steps, n, lo, hi, integer=False, batch_cap=cap)
     hi = hi_checked.astype(dtype) if (hi is not None or cap is not None) else None
-    return _Budget(samples=n.astype(dtype), lo=lo.astype(dtype), hi=hi,
-                   floor=jnp.full(steps, lo, dtype))
+    lo, n = lo.astype(dtype), n.astype(dtype)
+    floor = jnp.full(steps, lo, dtype) if floor is None else jnp.maximum(floor.astype(dtype), lo)
+    if _is_concrete(floor, n):
+        need = float(jnp.sum(floor))
+        if not np.isfinite(need):
+            raise ValueError("lr: full-batch gradient descent is unstable at this learning rate "
+                             "(no batch size makes SGD mean-square stable)")
+        if need > float(n) * (1 + 1e-12):
+            raise ValueError(f"samples: the stability clip b_k >= 2 b_stab(s_k) needs at least "
+                             f"{need:.6g} samples, got {float(n):g}")
+        if hi is not None and float(jnp.max(floor)) > float(hi):
+            raise ValueError(f"max_batch: the stability clip needs batches up to "
+                             f"{float(jnp.max(floor)):.6g} > max_batch = {float(hi):g}")
+    return _Budget(samples=n, lo=lo, hi=hi, floor=floor)
+
+
+def stability_floor(problem, optimizer, steps: int):
+    """``2 b_stab(s_k)`` per step where the problem can compute its mean-square stability batch
+    (quadratic problems, docs/theory.md §8.2 item 3), else ``None``. ``s_k`` are the optimizer's
+    learning rates."""
+    rates = optimizer.step_sizes(steps)
+    b_stab = problem.stability_batch(rates, optimizer)
+    if b_stab is None and problem.is_quadratic:  # until every quadratic problem has the method
+        from .._problem.stability import stability_batch_at
+
+        b_stab = stability_batch_at(problem, rates, optimizer)
+    return None if b_stab is None else 2.0 * jnp.asarray(b_stab, rates.dtype)
+
+
+def _largest_curvature(problem) -> float | None:
+    """``lam_max`` of the Hessian: the eigen form for quadratic problems, else the Hessian at ``x0``
+    (power iteration on Hessian-vector products above 256 parameters); ``None`` if not concrete."""
+    if not _is_concrete(problem.x0):
+        return None
+    if problem.is_quadratic:
+        return float(jnp.max(problem.eigen_form().lam))
+    if problem.dim <= 256:
+        hess = np.asarray(problem.hessian(problem.x0), dtype=np.float64)
+        return float(np.linalg.eigvalsh(0.5 * (hess + hess.T))[-1])
+    v = jnp.ones_like(problem.x0) / np.sqrt(problem.dim)
+    lam = 0.0
+    for _ in range(30):
+        hv = problem.hvp(problem.x0, v)
+        lam = float(jnp.vdot(v, hv))
+        v = hv / jnp.maximum(jnp.linalg.norm(hv), 1e-300)
+    return lam
+
+
+def validity_warnings(problem, optimizer, steps: int) -> list[str]:
+    """The messages for a run outside the tested range of the expansion (docs/theory.md §7, §8):
+    ``h lam_max / (1 - mu)^2 > 0.5`` with momentum, ``s lam_max > 0.1`` with an lr schedule
+    (``s`` the largest intrinsic step ``lr / (1 - mu)``)."""
+    if not _is_concrete(optimizer.lr, optimizer.momentum):
+        return []
+    lam = _largest_curvature(problem)
+    if lam is None:
+        return []
+    rates = np.asarray(optimizer.step_sizes(steps), dtype=np.float64)
+    mu = float(optimizer.momentum)
+    out = []
+    h = float(rates.max())
+    if mu > 0 and h * lam / (1.0 - mu) ** 2 > 0.5:
+        out.append(f"lr * lam_max / (1 - momentum)^2 = {h * lam / (1 - mu) ** 2:.3g} > 0.5: outside "
+                   "the tested range of the momentum expansion (docs/theory.md §7)")
+    if not optimizer.constant_lr and h / (1.0 - mu) * lam > 0.1:
+        out.append(f"s * lam_max = {h / (1 - mu) * lam:.3g} > 0.1 for an lr schedule: outside the "
+                   "tested range of the first-order rule (docs/theory.md §8)")
+    return out
 
 
 def optimal_schedule(
@@ -328,6 +450,8 @@ def optimal_schedule(
     max_iter: int = 200,
     gtol: float = 1e-9,
     progress=False,
+    stability_clip: bool = True,
+    warn: bool = True,
     throw: bool = True,
 ) -> OptimalSchedule:
     """The batch schedule minimising the predicted expected final loss for a sample budget.
@@ -343,8 +467,9 @@ def optimal_schedule(
         steps: number of steps ``K`` (Python int).
         samples: sample budget ``N``, ``steps * min_batch <= N <= steps * max_batch``.
         min_batch, max_batch: bounds on each batch size (``max_batch=None``: unbounded).
-        method: :class:`ClosedForm` (default), :class:`FirstOrderGradient` or
-            :class:`ExactDiscrete` (or their aliases ``"closed_form"``, ``"gradient"``, ``"exact"``).
+        method: :class:`ClosedForm` (default), :class:`RefinedClosedForm` (momentum, theory 7),
+            :class:`FirstOrderGradient` or :class:`ExactDiscrete` (or their aliases
+            ``"closed_form"``, ``"refined"``, ``"gradient"``, ``"exact"``).
         sensitivity: how ``phi`` is computed: ``"auto"`` (default), :class:`jaxsched.DenseAdjoint`,
             :class:`jaxsched.Eigenbasis`, :class:`jaxsched.MatrixFree` (or ``"dense"``, ``"eigen"``,
             ``"matrix-free"``).
@@ -353,6 +478,13 @@ def optimal_schedule(
             methods (the method objects carry their own).
         progress: ``True`` for a tqdm bar of the L-BFGS iterations, or a progress meter object
             (``jaxsched.TqdmProgress()``, ``jaxsched.NoProgress()``).
+        stability_clip: keep ``b_k >= max(min_batch, 2 b_stab(s_k))`` where the problem can compute
+            its mean-square stability batch (quadratic problems; docs/theory.md §8.2 item 3); the
+            number of steps where the clip binds is ``clipped_steps``. ``False`` keeps only
+            ``min_batch`` (the schedule may then make the exact second moments diverge).
+        warn: ``warnings.warn`` once per call when the run is outside the tested range of the
+            expansion: ``h lam_max / (1 - mu)^2 > 0.5`` with momentum, ``s lam_max > 0.1`` with an
+            lr schedule (``lam_max`` from the problem's eigen form, or the Hessian at ``x0``).
         throw: raise when a solve fails (default); otherwise the outcome is in ``result``.
 
     Returns:
@@ -361,15 +493,30 @@ def optimal_schedule(
     Raises:
         ValueError: naming the argument, for ``lr <= 0``, ``steps <= 0``, an infeasible budget,
             ``min_batch > max_batch``, an unknown ``method`` or ``sensitivity``, or ``"exact"`` on a
-            non-quadratic problem.
+            non-quadratic problem; ``samples`` below what the stability clip needs, or an ``lr`` at
+            which full-batch gradient descent is unstable (quadratic problems).
     """
+    if getattr(optimizer, "is_adaptive", False):  # Adam / RMSprop: through the moment model (§9.4)
+        from .adaptive import adaptive_optimal_schedule
+
+        return adaptive_optimal_schedule(problem, optimizer=optimizer, lr=lr, steps=steps,
+                                         samples=samples, min_batch=min_batch, max_batch=max_batch,
+                                         method=method, rtol=rtol, atol=atol, solver=solver,
+                                         max_iter=max_iter, gtol=gtol, progress=progress,
+                                         throw=throw)
     control = _as_control(method, max_iter, gtol)
     check_problem(problem)
     steps = check_steps(steps)
     dtype = problem.x0.dtype
     opt = cm.resolve_optimizer(optimizer, lr, dtype)
-    budget = _budget(problem, steps, samples, min_batch, max_batch, dtype)
+    opt.step_sizes(steps)  # a ValueError naming lr for an lr schedule of the wrong length
+    floor = stability_floor(problem, opt, steps) if stability_clip else None
+    budget = _budget(problem, steps, samples, min_batch, max_batch, dtype, floor)
     control.check(problem)
+    if warn:
+        messages = validity_warnings(problem, opt, steps)
+        if messages:
+            warnings.warn("; ".join(messages), RuntimeWarning, stacklevel=2)
     sens = as_method(sensitivity, problem)
     parts = first_order_parts(problem, steps=steps, optimizer=opt, method=sens, rtol=rtol, atol=atol,
                               solver=solver, throw=throw)
