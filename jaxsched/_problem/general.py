@@ -8,6 +8,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._misc import _as_float_array, _is_concrete
 from .._types import Matrix, Scalar, Vector
@@ -50,22 +51,27 @@ class Problem(AbstractProblem):
         self.x0 = self._check_noise_cov_at_x0()
 
     def _check_noise_cov_at_x0(self) -> Vector:
-        """``noise_cov(x0)`` must be symmetric positive semi-definite (a covariance): checked eagerly
-        when ``x0`` and ``args`` are concrete, with ``eqx.error_if`` (on ``x0``) when traced."""
+        """``noise_cov(x0)`` must be symmetric positive semi-definite (a covariance) and ``loss(x0)``
+        finite: checked eagerly when they are concrete, with ``eqx.error_if`` (on ``x0``) when
+        traced (inside the user's jit, or with traced ``args``)."""
         S = self._call(self.noise_cov, self.x0)
+        f0 = self._call(self.loss, self.x0)
+        msg = "noise_cov: must return a symmetric positive semi-definite matrix at x0"
+        if _is_concrete(S, f0):
+            S = np.asarray(S, dtype=np.float64)
+            if not np.isfinite(float(np.asarray(f0))):
+                raise ValueError("loss: returns NaN or an infinite value at x0")
+            if not np.all(np.isfinite(S)):
+                raise ValueError("noise_cov: returns NaN or infinite values at x0")
+            scale = max(float(np.max(np.abs(S))), np.finfo(np.float64).tiny)
+            asym = float(np.max(np.abs(S - S.T))) / scale
+            low = float(np.linalg.eigvalsh(0.5 * (S + S.T))[0]) / scale
+            if asym > 1e-10 or low < -1e-10:
+                raise ValueError(f"{msg} (asymmetry {asym:.3g}, smallest eigenvalue {low * scale:.3g})")
+            return self.x0
         scale = jnp.maximum(jnp.max(jnp.abs(S)), jnp.finfo(S.dtype).tiny)
         asym = jnp.max(jnp.abs(S - S.T)) / scale
         low = jnp.linalg.eigvalsh(0.5 * (S + S.T))[0] / scale
-        msg = "noise_cov: must return a symmetric positive semi-definite matrix at x0"
-        if _is_concrete(self.x0, self.args):
-            if not bool(jnp.isfinite(self._call(self.loss, self.x0))):
-                raise ValueError("loss: returns NaN or an infinite value at x0")
-            if not bool(jnp.all(jnp.isfinite(S))):
-                raise ValueError("noise_cov: returns NaN or infinite values at x0")
-            if float(asym) > 1e-10 or float(low) < -1e-10:
-                raise ValueError(f"{msg} (asymmetry {float(asym):.3g}, smallest eigenvalue "
-                                 f"{float(low) * float(scale):.3g})")
-            return self.x0
         return eqx.error_if(self.x0, (asym > 1e-10) | (low < -1e-10), msg)
 
     def _call(self, fn, x):

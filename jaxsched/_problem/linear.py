@@ -84,7 +84,7 @@ def _check_square_spd(name: str, cov: Array) -> Array:
 def _check_nonnegative(name: str, value: Array) -> Array:
     """A scalar ``>= 0``: eagerly when concrete, with ``eqx.error_if`` when traced."""
     if _is_concrete(value):
-        if float(value) < 0:
+        if float(np.asarray(value)) < 0:
             raise ValueError(f"{name}: must be >= 0, got {float(value)}")
         return value
     return eqx.error_if(value, value < 0, f"{name}: must be >= 0")
@@ -302,7 +302,8 @@ class DiagonalGaussianRegression(AbstractQuadraticProblem, AbstractOnlineProblem
             )
         self.noise_var = _check_nonnegative("noise_var", _as_float_array("noise_var", noise_var, ndim=0))
         if _is_concrete(self.eigenvalues):
-            if float(jnp.min(self.eigenvalues)) <= 0:
+            # NumPy, not jnp: under an ambient jit a jnp reduction of a constant is staged
+            if float(np.min(np.asarray(self.eigenvalues))) <= 0:
                 raise ValueError("eigenvalues: must all be > 0")
         else:
             self.eigenvalues = eqx.error_if(self.eigenvalues, jnp.min(self.eigenvalues) <= 0,

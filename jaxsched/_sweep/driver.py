@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable
 
 import equinox as eqx
@@ -54,6 +55,7 @@ def sweep(
     solver=None,
     max_steps: int | None = None,
     callback: Callable[[str, int, int], None] | None = None,
+    wait_timeout: float = 3600.0,
 ) -> SweepResult:
     """Optimal schedules over a grid or list of configurations: one compiled call per horizon,
     sharded over all devices, in chunks that resume from disk.
@@ -79,8 +81,19 @@ def sweep(
         overwrite: with ``results_dir`` holding another sweep, remove its files and start again
             instead of refusing.
         progress: show a tqdm progress bar (default: when there is more than one chunk).
-        devices: devices of the mesh (default all of ``jax.devices()``).
+        devices: devices of the mesh (default all of ``jax.devices()``; in a multi-process run
+            the process's own ``jax.local_devices()``).
         callback: called as ``callback(chunk_name, done, total)`` after each finished chunk.
+        wait_timeout: seconds a process of a multi-process run waits for the others' manifest
+            and chunks before giving up.
+
+    Multi-process (multi-host) sweeps: after ``jax.distributed.initialize(...)`` in every process,
+    each process calls ``sweep`` with the same arguments and the same ``results_dir`` on a shared
+    file system. Process ``p`` of ``P`` owns the chunks ``p, p + P, p + 2P, ...`` of the layout and
+    computes those that are not on disk yet; process 0 writes the manifest and the final results;
+    every process waits for the others' chunks and returns the same :class:`SweepResult`. A rerun
+    after a crash recomputes only the missing chunks, each by its owner. No collective
+    communication is needed (each process shards its chunks over its local devices).
 
     Returns:
         A :class:`SweepResult`; also written to ``results_dir`` as ``results.npz`` and
@@ -112,6 +125,13 @@ def sweep(
     if chunk_size is None and results_dir is not None:
         chunk_size = _DEFAULT_CHUNK
 
+    pid, nproc = jax.process_index(), jax.process_count()
+    if nproc > 1:
+        if results_dir is None:
+            raise ValueError("results_dir: a multi-process sweep needs a results folder shared by "
+                             "all processes")
+        if devices is None:
+            devices = jax.local_devices()
     host_status, host_detail = host_checks(cols, params)
     valid = np.flatnonzero(host_status == 0)
     probe = core.probe_problem(shared, builder, params)
@@ -136,7 +156,13 @@ def sweep(
         folder = os.fspath(results_dir)
         os.makedirs(folder, exist_ok=True)
         parts = _fingerprint_parts(shared, builder, params, cfg, key)
-        _prepare_folder(folder, parts, cfg, key, overwrite)
+        if pid == 0:
+            _prepare_folder(folder, parts, cfg, key, overwrite)
+        else:
+            fingerprint = _digest(json.dumps(parts, sort_keys=True))
+            _wait_for(lambda: _manifest_fingerprint(folder) == fingerprint, wait_timeout,
+                      f"process 0 to write the manifest of this sweep into {folder!r} (it refuses a "
+                      "folder holding another sweep; see its error)")
         for _, name, members, _ in layout:
             data = load_chunk(os.path.join(folder, name), members)
             if data is not None:
@@ -151,8 +177,8 @@ def sweep(
         bar = tqdm(total=n, initial=done0, unit="config", desc="sweep")
     try:
         done = len(finished)
-        for K, name, members, size in layout:
-            if name in finished:
+        for i, (K, name, members, size) in enumerate(layout):
+            if name in finished or i % nproc != pid:  # done, or another process's chunk
                 continue
             data = _run_chunk(shared, builder, cols, params, members, size, valid, mesh,
                               settings_by_steps[K])
@@ -168,8 +194,10 @@ def sweep(
         if bar is not None:
             bar.close()
 
+    if nproc > 1:
+        _collect_others(folder, layout, finished, wait_timeout)
     result = assemble(cfg, cols, layout, finished, host_status, host_detail)
-    if folder is not None:
+    if folder is not None and pid == 0:
         result.save(os.path.join(folder, "results.npz"))
         result.to_csv(os.path.join(folder, "results.csv"))
     return result
@@ -285,6 +313,37 @@ def _read_manifest(path: str) -> dict:
             "pass overwrite=True (--overwrite)"
         )
     return manifest
+
+
+def _manifest_fingerprint(folder: str) -> str | None:
+    try:
+        with open(os.path.join(folder, "manifest.json")) as f:
+            return json.load(f).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _wait_for(ready: Callable[[], bool], timeout: float, what: str) -> None:
+    start = time.monotonic()
+    while not ready():
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"results_dir: waited {timeout:g} s for {what}")
+        time.sleep(0.2)
+
+
+def _collect_others(folder: str, layout, finished: dict, timeout: float) -> None:
+    """Load the chunks the other processes of a multi-process sweep computed, waiting for them."""
+
+    def all_there() -> bool:
+        for _, name, members, _ in layout:
+            if name not in finished:
+                data = load_chunk(os.path.join(folder, name), members, notice=lambda _: None)
+                if data is None:
+                    return False
+                finished[name] = data
+        return True
+
+    _wait_for(all_there, timeout, "the other processes' chunks")
 
 
 def _clear(folder: str) -> None:
