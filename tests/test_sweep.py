@@ -373,3 +373,18 @@ def test_validation_errors_name_the_argument():
         js.sweep(p, cfg, steps=STEPS, exact=True)
     with pytest.raises(ValueError, match="lr"):
         js.grid(lr=[], samples=[1])
+
+
+def test_sweep_takes_the_same_sensitivity_objects_as_optimal_schedule():
+    p = js.DiagonalGaussianRegression(jnp.asarray([1.0, 0.3, 0.05]), jnp.asarray([1.0, -2.0, 3.0]), 0.5)
+    lrs = jnp.asarray([0.1, 0.2])
+    out = js.sweep_core(p, lr=lrs, samples=jnp.asarray([80.0, 80.0]), steps=20,
+                        sensitivity=js.Eigenbasis(nodes=8), exact=False)
+    for i, h in enumerate(lrs):
+        ref = js.optimal_schedule(p, lr=h, steps=20, samples=80, sensitivity=js.Eigenbasis(nodes=8))
+        np.testing.assert_allclose(out.phi[i], ref.phi, rtol=1e-12)
+        np.testing.assert_array_equal(out.batch_sizes[i], ref.batch_sizes)
+    with pytest.raises(ValueError, match="sensitivity"):
+        js.sweep_core(p, lr=lrs, samples=jnp.asarray([80.0, 80.0]), steps=20, sensitivity=js.MatrixFree())
+    with pytest.raises(ValueError, match="sensitivity"):
+        js.sweep(p, {"lr": lrs, "samples": jnp.asarray([80.0, 80.0])}, steps=20, sensitivity="spectral")

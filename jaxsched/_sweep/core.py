@@ -257,6 +257,27 @@ def _resolve_path(problem, path: str) -> str:
     return path
 
 
+def resolve_sensitivity(sensitivity, path: str, nodes: int) -> tuple[str, int]:
+    """``sensitivity=`` (as in :func:`jaxsched.optimal_schedule`) as the sweep's ``(path, nodes)``:
+    ``js.Eigenbasis(nodes)`` / ``"eigen"``, ``js.DenseAdjoint()`` / ``"dense"``, ``"auto"``; ``None``
+    keeps ``path``. The matrix-free method draws its subsample on the host, so it cannot run inside
+    the vmapped sweep core and is refused."""
+    if sensitivity is None:
+        return path, nodes
+    if isinstance(sensitivity, str):
+        if sensitivity not in ("auto", "eigen", "dense"):
+            raise ValueError(f"sensitivity: must be 'auto', 'eigen', 'dense', js.Eigenbasis() or "
+                             f"js.DenseAdjoint() in a sweep, got {sensitivity!r}")
+        return sensitivity, nodes
+    if isinstance(sensitivity, eig.Eigenbasis):
+        return "eigen", sensitivity.nodes
+    if isinstance(sensitivity, adj.DenseAdjoint):
+        return "dense", nodes
+    raise ValueError(
+        "sensitivity: a sweep runs js.Eigenbasis() or js.DenseAdjoint() inside one vmapped call; "
+        f"{type(sensitivity).__name__} computes on the host (use js.optimal_schedule per setting)")
+
+
 def probe_problem(problem, builder, params: Mapping[str, np.ndarray]):
     """The problem of the first configuration (abstractly, no computation), to learn its type."""
     if builder is None:
@@ -319,6 +340,7 @@ def sweep_core(
     solver=None,
     max_steps: int | None = None,
     devices=None,
+    sensitivity=None,
 ) -> SweepOutputs:
     """Optimal schedules of many configurations in one jit-compiled, vmapped, sharded call.
 
@@ -333,6 +355,8 @@ def sweep_core(
     ``samples / steps``, and the exact losses for quadratic problems (theory 5.2, 5.3).
 
     Args:
+        sensitivity: ``js.Eigenbasis(nodes=)``, ``js.DenseAdjoint()`` or ``"auto"``/``"eigen"``/
+            ``"dense"``, as in :func:`jaxsched.optimal_schedule` (overrides ``path`` and ``nodes``).
         problem: a problem shared by all configurations, or a callable ``builder(**params_c)``
             returning the problem of configuration ``c`` (traced; reuse the same function object so
             that a second call does not recompile).
@@ -363,6 +387,7 @@ def sweep_core(
             f"params: {sorted(params)} need a problem builder (a callable), got a fixed problem"
         )
     probe = probe_problem(shared, builder, params)
+    path, nodes = resolve_sensitivity(sensitivity, path, nodes)
     settings, rtol, atol = settings_for(probe, steps=steps, path=path, exact=exact, nodes=nodes,
                                      rtol=rtol, atol=atol, solver=solver, max_steps=max_steps)
     lengths = {jnp.shape(v)[0] for v in params.values()}

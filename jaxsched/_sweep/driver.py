@@ -56,6 +56,7 @@ def sweep(
     max_steps: int | None = None,
     callback: Callable[[str, int, int], None] | None = None,
     wait_timeout: float = 3600.0,
+    sensitivity=None,
 ) -> SweepResult:
     """Optimal schedules over a grid or list of configurations: one compiled call per horizon,
     sharded over all devices, in chunks that resume from disk.
@@ -81,6 +82,8 @@ def sweep(
         overwrite: with ``results_dir`` holding another sweep, remove its files and start again
             instead of refusing.
         progress: show a tqdm progress bar (default: when there is more than one chunk).
+        sensitivity: ``js.Eigenbasis(nodes=)``, ``js.DenseAdjoint()`` or ``"auto"``/``"eigen"``/
+            ``"dense"``, as in :func:`jaxsched.optimal_schedule` (overrides ``path`` and ``nodes``).
         devices: devices of the mesh (default all of ``jax.devices()``; in a multi-process run
             the process's own ``jax.local_devices()``).
         callback: called as ``callback(chunk_name, done, total)`` after each finished chunk.
@@ -125,6 +128,7 @@ def sweep(
     if chunk_size is None and results_dir is not None:
         chunk_size = _DEFAULT_CHUNK
 
+    path, nodes = core.resolve_sensitivity(sensitivity, path, nodes)
     pid, nproc = jax.process_index(), jax.process_count()
     if nproc > 1:
         if results_dir is None:
