@@ -349,6 +349,20 @@ def test_mlp_large_width_runs_in_far_less_than_d2_memory():
     assert res.memory.total < 0.1 * d2_bytes, (res.memory, d2_bytes)
 
 
+def test_matrix_free_optimal_schedule_on_digits_mlp_with_10k_parameters():
+    # The redesign's requirement: a matrix-free phi becomes an OptimalSchedule (integer batches,
+    # exact budget) that says the standard error of its objective.
+    p = mlp_problem(width=134, n=120)  # d = 10060; few examples keep each gradient cheap
+    assert p.dim >= 10_000
+    method = js.MatrixFree(num_examples=4, chunk_size=4, key=jax.random.PRNGKey(1), nodes_per_panel=1,
+                           steps_per_panel=2)
+    res = js.optimal_schedule(p, lr=0.1, steps=2, samples=40, sensitivity=method, rtol=1e-5, atol=1e-8)
+    assert res.batch_sizes.dtype.kind == "i" and int(res.batch_sizes.sum()) == 40
+    assert int(res.batch_sizes.min()) >= 1
+    assert np.isfinite(float(res.objective)) and float(res.objective_stderr) > 0
+    assert np.isfinite(float(res.predicted_loss))
+
+
 # ------------------------------------------------------------------------------------------------
 # negative sensitivity (third-derivative term)
 
