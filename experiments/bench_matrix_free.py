@@ -46,7 +46,8 @@ import numpy as np  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 import jaxsched as js  # noqa: E402
-from jaxsched import _expansion, _matrix_free  # noqa: E402
+from jaxsched._expansion import _common as cm, matrix_free as _matrix_free  # noqa: E402
+from jaxsched._expansion.sensitivity import DENSE_MAX_DIM, _parts_core  # noqa: E402
 
 X, y = load_digits(return_X_y=True)
 X, y = X[: args.n] / 16.0, y[: args.n]
@@ -85,9 +86,10 @@ def compiled_run(core, core_args):
 def dense_phi(p):
     # The dense path's jitted core (what js.sensitivity runs), compiled ahead of time.
     dtype = p.x0.dtype
-    rtol, atol = _expansion._tolerances(dtype, None, None)
-    args_ = (p, jnp.asarray(h, dtype), rtol, atol, _expansion._default_solver(None), K)
-    parts, first, steady, mem = compiled_run(_expansion._first_order_core, args_)
+    rtol, atol = cm.tolerances(dtype, None, None)
+    units = cm.step_units(js.SGD(h), K, dtype)
+    args_ = (js.DenseAdjoint(), p, units, K, rtol, atol, cm.default_solver(None))
+    parts, first, steady, mem = compiled_run(_parts_core, args_)
     return np.asarray(parts.phi), first, steady, mem
 
 
@@ -97,8 +99,8 @@ def matrix_free_phi(p, **kw):
     prep = _matrix_free._prepare(p, h, K, kw.get("num_examples"), kw["chunk_size"], kw.get("key"),
                                  kw["nodes_per_panel"], kw["steps_per_panel"], None, None, None,
                                  16384, "importance")
-    q, first, steady, mem = compiled_run(_matrix_free._matrix_free_core, prep.core_args)
-    res = _matrix_free._finish(prep, q[:, :prep.m], None)
+    (q, result), first, steady, mem = compiled_run(_matrix_free._matrix_free_core, prep.core_args)
+    res = _matrix_free._finish(prep, q[:, :prep.m], None, result)
     return np.asarray(res.phi), np.asarray(res.stderr), first, steady, mem
 
 
@@ -132,6 +134,16 @@ for width in args.widths:
         rows.append(row)
         print(f"{d:6d} {name:>16} {first:9.2f} {steady:9.2f} {mem / 2**20:9.2f} {d2_mib:8.2f}  "
               f"{agree}")
+
+# crossover: the smallest d from which the exact matrix-free path (what MatrixFree() does by
+# default) is faster than the dense path, steady state and first call (compile included)
+for key in ("steady_s", "first_s"):
+    faster = [r["d"] for r in rows if r["path"] == "mf exact"
+              and any(q["d"] == r["d"] and q["path"] == "dense" and q[key] > r[key] for q in rows)]
+    slower = [r["d"] for r in rows if r["path"] == "mf exact"
+              and any(q["d"] == r["d"] and q["path"] == "dense" and q[key] <= r[key] for q in rows)]
+    print(f"{key}: matrix-free exact faster than dense at d = {faster}, slower at d = {slower} "
+          f"(today's DENSE_MAX_DIM = {DENSE_MAX_DIM})")
 
 # coarse grids: phi evaluated on panels of several steps, exact over examples, against dense
 p = mlp_problem(args.coarse_width)

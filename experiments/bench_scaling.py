@@ -1,12 +1,15 @@
 """Time per optimal schedule against the dimension d: the eigenbasis path (O(d) per time point,
 Gaussian features given by their spectrum, d = 10 .. 10^4) and the dense diffrax path
-(``optimal_schedule``: ``d x d`` adjoint, O(d^3) per right-hand side, d = 10 .. 500).
+(``optimal_schedule(..., sensitivity=js.DenseAdjoint())``: ``d x d`` adjoint, O(d^3) per
+right-hand side, d = 10 .. 500), plus the dense path's memory from XLA's memory analysis of its
+compiled program (compiled only, not run, up to d = 1210), in bytes and in ``d x d`` buffers.
 
 Problem: Gaussian linear regression (theory 5.1) with eigenvalues ``lam_i = 1 / i``, initial
 offset ``v0_i = 1 / sqrt(d)``, label noise 0.5, ``h = 0.1``, 200 steps, budget 8 per step. The
 dense path gets the same spectrum rotated by a random orthogonal matrix. Compile time is excluded
 (best of repeated calls after a first one). Fitted exponents: least squares slope of
-log(time) against log(d) over the larger half of the dimensions (the asymptotic regime).
+log(time) (and log(bytes)) against log(d) over the larger half of the dimensions (the asymptotic
+regime): theory 3 for the dense time, 2 for its memory.
 
     python experiments/bench_scaling.py [--quick] [--out results]
 """
@@ -89,7 +92,8 @@ for d in DENSE_DIMS:
     problem = js.GaussianLinearRegression((Q * lam) @ Q.T, np.zeros(d), Q @ v0, 0.5)
 
     def run(problem=problem):
-        return js.optimal_schedule(problem, lr=H, steps=K, samples=SAMPLES).batch_sizes
+        return js.optimal_schedule(problem, lr=H, steps=K, samples=SAMPLES,
+                                   sensitivity=js.DenseAdjoint()).batch_sizes
 
     first, t = best_time(run, repeats=3 if d <= 100 else 1)
     if d <= 200:  # the eigen path on the same problem (one eigh) gives the same schedule
@@ -99,6 +103,38 @@ for d in DENSE_DIMS:
     results["dense"].append({"d": d, "seconds": t, "first_call_s": first})
     print(f"dense path  d = {d:6d}: {1e3 * t:9.2f} ms per optimal schedule "
           f"(first call {first:.1f} s)")
+
+
+
+def dense_memory(d: int) -> int:
+    """Bytes (arguments + outputs + peak temporaries) of the dense method's compiled program."""
+    import diffrax
+
+    from jaxsched._expansion import _common as cm
+    from jaxsched._expansion.sensitivity import _parts_core
+
+    lam, v0 = spectrum(d)
+    problem = js.GaussianLinearRegression(np.diag(lam), np.zeros(d), v0, 0.5)
+    dtype = problem.x0.dtype
+    units = cm.step_units(js.SGD(H), K, dtype)
+    rtol, atol = cm.tolerances(dtype, None, None)
+    lowered = _parts_core.lower(js.DenseAdjoint(), problem, units, K, rtol, atol, diffrax.Tsit5())
+    m = lowered.compile().compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
+
+
+results["dense_memory"] = []
+for d in ([50, 100, 300] if args.quick else [50, 100, 300, 600, 1210]):
+    t = time.perf_counter()
+    b = dense_memory(d)
+    buffers = b / (d * d * 8)
+    results["dense_memory"].append({"d": d, "bytes": b, "dxd_buffers": buffers})
+    print(f"dense memory d = {d:5d}: {b / 2**20:9.1f} MiB = {buffers:5.1f} d x d float64 buffers "
+          f"(compiled in {time.perf_counter() - t:.1f} s)")
+mem_d = np.array([r["d"] for r in results["dense_memory"]], float)
+mem_b = np.array([r["bytes"] for r in results["dense_memory"]], float)
+results["dense_memory_exponent"] = exponent(mem_d, mem_b)
+print(f"dense memory ~ d^{results['dense_memory_exponent']:.2f} (theory 2)")
 
 for path in ("eigen", "dense"):
     dims = np.array([r["d"] for r in results[path]], float)

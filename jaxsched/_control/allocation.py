@@ -296,6 +296,17 @@ def relaxed_optimum(
     return _guard_feasible(_relaxed_core(phi, n, lo, hi), n, lo, hi)
 
 
+def relaxed_allocation(phi, samples, *, min_batch=1, max_batch=None) -> Float[Array, " steps"]:
+    """:func:`relaxed_optimum` for callers inside a compiled core: the same checks of shapes and
+    of concrete values, but no run-time guard of a traced budget (which would put a host callback
+    in the caller's program and keep it out of JAX's persistent compilation cache). Combine
+    :func:`budget_result` into the caller's result code instead."""
+    phi = _check_steps_array("phi", phi)
+    n, lo, hi = _check_budget(phi.shape[0], samples, min_batch, max_batch, integer=False)
+    dtype = phi.dtype
+    return _relaxed_core(phi, n.astype(dtype), lo.astype(dtype), hi.astype(dtype))
+
+
 # --------------------------------------------------------------------------------------------
 # exact integer optimum
 # --------------------------------------------------------------------------------------------
@@ -433,3 +444,12 @@ def integer_optimum(
     dtype = jnp.result_type(n.dtype, lo.dtype, hi.dtype)
     n, lo, hi = n.astype(dtype), lo.astype(dtype), hi.astype(dtype)
     return _guard_feasible(_integer_core(phi, n, lo, hi), n, lo, hi)
+
+
+def integer_allocation(phi, samples, *, min_batch=1, max_batch=None) -> Int[Array, " steps"]:
+    """:func:`integer_optimum` for callers inside a compiled core, without the run-time guard of
+    a traced budget (see :func:`relaxed_allocation`; combine :func:`budget_result` instead)."""
+    phi = _check_steps_array("phi", phi)
+    n, lo, hi = _check_budget(phi.shape[0], samples, min_batch, max_batch, integer=True)
+    dtype = jnp.result_type(n.dtype, lo.dtype, hi.dtype)
+    return _integer_core(phi, n.astype(dtype), lo.astype(dtype), hi.astype(dtype))
