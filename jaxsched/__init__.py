@@ -1,6 +1,6 @@
 """jaxsched: optimal batch-size schedules for SGD from the O(h) expansion of its diffusion family."""
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError, version as _version
 
 from . import datasets as datasets
 from ._check.adaptive import simulate_adaptive as simulate_adaptive
@@ -130,5 +130,5 @@ from ._sweep import (
 
 try:
     __version__ = _version("jaxsched")
-except PackageNotFoundError:  # running from a source tree that is not installed
+except _PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
