@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import json
 import os
@@ -454,9 +455,13 @@ def test_report_numbers_print_in_g_style(diabetes):
     assert f"{data['schedules']['optimal']['exact_loss']:.6g}" in out
 
 
-def test_unstable_optimum_is_not_presented_as_optimal(capsys, tmp_path):
+def test_unstable_optimum_is_not_presented_as_optimal(capsys, tmp_path, monkeypatch):
     # lr 0.3 on diabetes (issue 13.3): the first-order optimum puts batches of 1 where exact SGD is
-    # mean-square unstable. Same shapes as the default run: no new compile.
+    # mean-square unstable. The library's stability clip (b_k >= 2 b_stab) now prevents that, so the
+    # clip is turned off here to reach the CLI's own last line of defence. Same shapes as the
+    # default run: no new compile.
+    unclipped = functools.partial(js.optimal_schedule, stability_clip=False)
+    monkeypatch.setattr(js, "optimal_schedule", unclipped)
     out = tmp_path / "out"
     out.mkdir()
     (out / "schedule.json").write_text("earlier result")
@@ -471,7 +476,7 @@ def test_unstable_optimum_is_not_presented_as_optimal(capsys, tmp_path):
     # The claim of the message, checked independently with the exact recursion: the first-order
     # optimum at this lr is worse than the constant batch.
     problem = js.datasets.diabetes_problem()
-    opt = js.optimal_schedule(problem, lr=0.3, steps=STEPS, samples=SAMPLES, max_batch=SAMPLES)
+    opt = unclipped(problem, lr=0.3, steps=STEPS, samples=SAMPLES, max_batch=SAMPLES)
     const = js.constant_schedule(STEPS, SAMPLES)
     assert float(js.exact_expected_loss(problem, opt.batch_sizes, lr=0.3)) > float(
         js.exact_expected_loss(problem, const, lr=0.3)
@@ -482,10 +487,13 @@ def test_unstable_optimum_is_not_presented_as_optimal(capsys, tmp_path):
 
 def test_overflowing_loss_is_refused_without_traceback(capsys, tmp_path):
     # lr 0.49 (issue 13.4): gradient descent converges (lr * lam_max < 2) but exact SGD's expected
-    # loss grows past 1e90 for every schedule of this budget: one line naming --lr, no folder.
+    # loss grows past 1e90 for every schedule of this budget: one line, no folder. The library's
+    # stability clip (b_k >= 2 b_stab) now refuses it first, naming the samples it would need.
     out = tmp_path / "out"
-    line = check_refused(capsys, cli.main(["optimize", "--out", str(out), "--lr", "0.49", "--quiet"]), "--lr")
-    assert "diverges" in line and not LONG_NUMBER.search(line)
+    line = check_refused(
+        capsys, cli.main(["optimize", "--out", str(out), "--lr", "0.49", "--quiet"]), "--samples"
+    )
+    assert "stability" in line and not LONG_NUMBER.search(line)
     assert not out.exists()
     problem = js.datasets.diabetes_problem()
     const = js.constant_schedule(STEPS, SAMPLES)
