@@ -29,7 +29,8 @@ args = parser.parse_args()
 lam = jnp.geomspace(1.0, 0.01, 10)
 problem = js.DiagonalGaussianRegression(lam, jnp.ones(10), 0.5)
 K = args.steps
-grid = js.grid(lr=jnp.linspace(0.01, 0.5, args.lrs), samples=jnp.linspace(2 * K, 64 * K, args.budgets).round())
+grid = js.grid(lr=jnp.linspace(0.01, 0.5, args.lrs),
+               samples=jnp.linspace(2 * K, 64 * K, args.budgets).round())
 n = len(grid)
 
 t0 = time.perf_counter()
@@ -49,4 +50,5 @@ ref = js.optimal_schedule(problem, lr=cfg["lr"], steps=K, samples=cfg["samples"]
                           stability_clip=False, warn=False)
 rel = float(np.max(np.abs(np.asarray(res.phi[i]) - np.asarray(ref.phi)) / np.abs(np.asarray(ref.phi))))
 same = bool(np.array_equal(np.asarray(res.batch_sizes[i]), np.asarray(ref.batch_sizes)))
-print(f"spot check (lr {cfg['lr']:.4g}, samples {cfg['samples']:g}): phi rel. diff {rel:.2e}, same batches: {same}")
+print(f"spot check (lr {cfg['lr']:.4g}, samples {cfg['samples']:g}): phi rel. diff {rel:.2e}, "
+      f"same batches: {same}")
