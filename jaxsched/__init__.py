@@ -93,13 +93,13 @@ from ._problem.exact import (
     gaussian_phi as gaussian_phi,
     gaussian_sensitivity as gaussian_sensitivity,
 )
-from ._problem.stability import stability_batch as stability_batch
 from ._problem.general import Problem as Problem, SampledProblem as SampledProblem
 from ._problem.linear import (
     DiagonalGaussianRegression as DiagonalGaussianRegression,
     GaussianLinearRegression as GaussianLinearRegression,
     LinearRegressionData as LinearRegressionData,
 )
+from ._problem.stability import stability_batch as stability_batch
 from ._schedule.baselines import (
     constant_schedule as constant_schedule,
     linear_ramp as linear_ramp,
@@ -108,7 +108,7 @@ from ._schedule.baselines import (
     step_doubling as step_doubling,
 )
 from ._schedule.export import (
-    FORMATS as EXPORT_FORMATS,
+    FORMATS as _EXPORT_FORMATS,
     BatchSchedule as BatchSchedule,
     ScheduleExport as ScheduleExport,
     export_schedule as export_schedule,
@@ -132,3 +132,5 @@ try:
     __version__ = _version("jaxsched")
 except _PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
+
+EXPORT_FORMATS = _EXPORT_FORMATS  # the formats of js.export_schedule
