@@ -114,7 +114,7 @@ from ._schedule.export import (
     export_schedule as export_schedule,
     schedule_json as schedule_json,
 )
-from ._solution import RESULTS as RESULTS
+from ._solution import RESULTS as RESULTS, SolveError as SolveError
 from ._sweep import (
     Configurations as Configurations,
     SweepOutputs as SweepOutputs,
