@@ -402,7 +402,7 @@ def _largest_curvature(problem) -> float | None:
     if problem.dim <= 256:
         hess = np.asarray(problem.hessian(problem.x0), dtype=np.float64)
         return float(np.linalg.eigvalsh(0.5 * (hess + hess.T))[-1])
-    v = jnp.ones_like(problem.x0) / np.sqrt(problem.dim)
+    v = jnp.ones_like(problem.x0) / float(np.sqrt(problem.dim))  # a Python float keeps x0.dtype
     lam = 0.0
     for _ in range(30):
         hv = problem.hvp(problem.x0, v)
