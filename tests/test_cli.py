@@ -650,15 +650,11 @@ def test_sigint_exits_130_and_keeps_old_outputs(tmp_path, moment):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old  # byte-identical, no temporaries
 
 
-@pytest.mark.xfail(
-    reason="before main() runs (Python importing jax and jaxsched, about the first 2 s) SIGINT meets "
-    "Python's default handler: a traceback and exit -2, or the interrupt is swallowed by jax's gc "
-    "callback and the run completes; needs the console script to install the handler before "
-    "importing jaxsched (see the CLI report)",
-    strict=False,
-)
 def test_sigint_during_the_first_second(tmp_path):
+    # While jax is still importing, the console script's launcher answers (prefix "jaxsched");
+    # once main() runs, its guard does ("jaxsched optimize"). Either way: 130, one line, old files.
     code, err, old, out = _interrupt(tmp_path, after_seconds=0.3)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old
     assert code == 130, err
-    assert _messages(err) == ["jaxsched optimize: interrupted; existing outputs were left as they were"]
+    assert _messages(err) in (["jaxsched: interrupted; existing outputs were left as they were"],
+                              ["jaxsched optimize: interrupted; existing outputs were left as they were"])
