@@ -8,9 +8,7 @@ import pytest
 from scipy.integrate import quad
 
 import jaxsched as js
-from jaxsched._expansion import adjoint as _adjoint
-from jaxsched._expansion import eigen as _eigen
-from jaxsched._expansion import moments as _expansion
+from jaxsched._expansion import adjoint as _adjoint, eigen as _eigen, moments as _expansion
 from jaxsched.datasets import diabetes_problem
 
 
@@ -153,7 +151,7 @@ def test_vmap_over_noise_and_lr_equals_loop_and_one_trace(trace_counter):
     watch, counts = trace_counter
     watch(_expansion, "_moment_field")
     watch(_eigen, "eigen_parts")
-    loop = [one(s, h) for s, h in zip(noises, lrs)]
+    loop = [one(s, h) for s, h in zip(noises, lrs, strict=True)]
     assert counts == {}  # no retrace when only values change
     np.testing.assert_allclose(loss_v, [lv for lv, _ in loop], rtol=1e-12)
     np.testing.assert_allclose(phi_v, np.stack([pv for _, pv in loop]), rtol=1e-10)

@@ -306,7 +306,7 @@ def test_gaussian_phi_matches_numpy(gauss4):
     ts = np.linspace(0.0, T, 7)
     got = np.asarray(js.gaussian_phi(gauss4, ts, horizon=T))
     assert got.shape == ts.shape
-    for t, g in zip(ts, got):
+    for t, g in zip(ts, got, strict=True):
         assert g == pytest.approx(_numpy_phi_eigen(gauss4, t, T), rel=1e-12)
         # expm against eigh: both accurate to ~1e-14 on this well-conditioned matrix.
         assert g == pytest.approx(_numpy_phi_definition(gauss4, t, T), rel=1e-10)
