@@ -5,21 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import nonquadratic_problem, random_gaussian
 from scipy.integrate import quad
 
 import jaxsched as js
 from jaxsched._expansion import adjoint as _adjoint, eigen as _eigen, moments as _expansion
 from jaxsched.datasets import diabetes_problem
-
-
-def random_gaussian(d, seed, noise_var=0.5):
-    rng = np.random.default_rng(seed)
-    Q, _ = np.linalg.qr(rng.normal(size=(d, d)))
-    lam = np.exp(rng.uniform(np.log(0.05), np.log(2.0), size=d))
-    cov = (Q * lam) @ Q.T
-    return js.GaussianLinearRegression(
-        0.5 * (cov + cov.T), rng.normal(size=d), rng.normal(size=d), noise_var
-    )
 
 
 def phi_closed_form_steps(problem, h, steps):
@@ -88,18 +79,6 @@ def test_expected_loss_identity_quadratic_and_data():
         lhs = js.expected_loss(p, b, lr=h)
         rhs = parts.base_loss + h * (parts.correction + jnp.sum(parts.phi * p.noise_weight(b)))
         assert abs(lhs - rhs) < 1e-8 * abs(rhs)
-
-
-def nonquadratic_problem():
-    # 2-d non-quadratic loss with a state-dependent Sigma: theory 4's check.
-    def loss(x):
-        return jnp.log(jnp.cosh(x[0] - 1.0)) + 0.5 * x[1] ** 2 + 0.3 * jnp.sin(x[0]) * x[1] ** 2
-
-    def noise_cov(x):
-        g = jnp.array([jnp.tanh(x[0]), x[1]])
-        return 0.5 * jnp.eye(2) + jnp.outer(g, g)
-
-    return js.Problem(loss, noise_cov, jnp.array([2.5, -1.0]))
 
 
 def test_nonquadratic_adjoint_equals_reverse_mode():
