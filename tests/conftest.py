@@ -2,11 +2,25 @@
 mathematics, not rounding; a monkeypatch-based trace counter."""
 
 import collections
+import gc
 
 import jax
 import pytest
 
 jax.config.update("jax_enable_x64", True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module. XLA's CPU backend maps every kernel of
+    an executable into its own memory region (a diffrax solve holds about 250 of them) and keeps it
+    until the executable is released; one process running the whole suite otherwise accumulates
+    more than Linux's default of 65,530 mappings per process (``vm.max_map_count``) and the next
+    compile segfaults inside XLA. Modules share compiled functions through their own
+    module-scoped fixtures, so nothing a module reuses is lost."""
+    yield
+    jax.clear_caches()
+    gc.collect()  # executables held only by reference cycles (closures of fixtures) go too
 
 
 @pytest.fixture
