@@ -1,5 +1,6 @@
 """The computation of ``jaxsched optimize``: the problem, the optimal schedule, the baselines, the
-optional stage compression, and predicted (theory 3) and exact (theory 5.2/5.3) losses."""
+optional stage compression, and predicted (theory 3) and exact (theory 5.2/5.3) losses; for Adam and
+RMSprop the optimum of the moment model (theory 9) and its predicted losses only."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._common import Interrupts, UsageError, fmt, library_message
-from ._settings import DOUBLING_STAGES, RAMP_RATIO, STEP_FACTORS, WARMUP_SHARE, Config, flagify
+from ._settings import (
+    ADAPTIVE_BASELINES,
+    DOUBLING_STAGES,
+    RAMP_RATIO,
+    STEP_FACTORS,
+    WARMUP_SHARE,
+    Config,
+    flagify,
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -58,6 +67,10 @@ def make_problem(cfg: Config):
     info["dim"] = int(problem.dim)
     if info["name"] != "gaussian":
         info["num_examples"] = int(problem.num_examples)
+    if cfg.adaptive:
+        # Adam / RMSprop normalise the step, so gradient descent's lr limit does not apply; a
+        # diverging run shows as a non-finite predicted loss (refused naming --lr).
+        return problem, info
     hess = np.asarray(problem.hessian(problem.x0), dtype=np.float64)
     lam_max = float(np.linalg.eigvalsh(0.5 * (hess + hess.T))[-1])
     # Full-batch stability on a quadratic (Jury's test of the 2 x 2 recursion per eigenvalue):
@@ -102,14 +115,19 @@ def lr_values(cfg: Config, steps: int, lr: float | None = None):
 
 
 def make_optimizer(cfg: Config, steps: int, lr_array=None):
-    """The ``js.SGD`` of the run: ``--lr`` (a scalar, or the per-step values of ``--lr-schedule``
-    or ``lr_array``), ``--momentum``, ``--nesterov``."""
+    """The optimizer of the run, with ``--lr`` (a scalar, or the per-step values of
+    ``--lr-schedule`` or ``lr_array``): ``js.SGD`` with ``--momentum`` and ``--nesterov``,
+    ``js.Adam(lr, b1=--b1, b2=--b2, eps=--eps)`` or ``js.RMSprop(lr, decay=--b2, eps=--eps)``."""
     import jax.numpy as jnp
 
     import jaxsched as js
 
     if lr_array is None:
         lr_array = cfg.lr if cfg.lr_schedule == "constant" else jnp.asarray(lr_values(cfg, steps))
+    if cfg.optimizer == "adam":
+        return js.Adam(lr_array, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+    if cfg.optimizer == "rmsprop":
+        return js.RMSprop(lr_array, decay=cfg.b2, eps=cfg.eps)
     return js.SGD(lr_array, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
@@ -162,7 +180,12 @@ class Results:
     lr_schedule: list = field(default_factory=list)  # per-step learning rates
     warnings: list = field(default_factory=list)
     budget: dict | None = None
-    clipped_steps: int = 0
+    clipped_steps: int | None = 0  # None: no stability clip (Adam / RMSprop)
+    #: Adam / RMSprop: the moment model that made every prediction (model, level, covariance,
+    #: blocks, L-BFGS outcome); None for SGD.
+    moment_model: dict | None = None
+    #: Adam / RMSprop: min f, subtracted before the gains are formed (None for SGD).
+    loss_floor: float | None = None
 
 
 def _library_call(cfg: Config, fn, *args, **kwargs):
@@ -319,7 +342,8 @@ def compute(cfg: Config, problem, progress, interrupts: Interrupts) -> Results:
         cfg, budget = _budgets.choose(cfg, problem, interrupts)
         progress.update()
         interrupts.check()
-    res = _compute_run(cfg, problem, progress, interrupts)
+    run = _compute_adaptive if cfg.adaptive else _compute_run
+    res = run(cfg, problem, progress, interrupts)
     res.budget = budget
     res.seconds = time.perf_counter() - t0
     return res
@@ -386,6 +410,118 @@ def _compute_run(cfg: Config, problem, progress, interrupts: Interrupts) -> Resu
         lr_schedule=[float(v) for v in np.asarray(optimizer.step_sizes(cfg.steps), dtype=np.float64)],
         warnings=messages,
         clipped_steps=int(opt.clipped_steps),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Adam / RMSprop (theory 9): the moment model only
+# ------------------------------------------------------------------------------------------------
+def loss_floor(problem) -> float:
+    """``min_x F(x)`` of a quadratic problem: ``F`` at ``x0 - H^+ grad F(x0)`` (least squares, so
+    one Newton step from anywhere is exact; the pseudo-inverse handles a singular Hessian)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    x0 = problem.x0
+    hess = np.asarray(problem.terminal_hessian(x0), dtype=np.float64)
+    grad = np.asarray(problem.terminal_gradient(x0), dtype=np.float64)
+    step = np.linalg.lstsq(0.5 * (hess + hess.T), grad, rcond=None)[0]
+    return float(problem.terminal_value(x0 - jnp.asarray(step, x0.dtype)))
+
+
+def sgd_sqrt_rule(cfg: Config, problem, optimizer):
+    """The square-root rule of plain SGD at the run's per-step learning rates (theory 4), as integers
+    with the exact budget: the schedule the adaptive optimiser compares with (theory 9.1)."""
+    import jaxsched as js
+
+    phi = _library_call(cfg, js.sensitivity, problem,
+                        optimizer=js.SGD(optimizer.step_sizes(cfg.steps)), steps=cfg.steps)
+    return _library_call(cfg, js.integer_optimum, phi, cfg.samples, min_batch=cfg.min_batch,
+                         max_batch=cfg.max_batch)
+
+
+def _check_adaptive_better(cfg: Config, predicted: dict) -> None:
+    """The rule of :func:`_check_better` with the moment model as the judge (no exact recursion)."""
+    opt, const = predicted["optimal"], predicted["constant"]
+    if opt > const:
+        raise NotBetterError(
+            f"the {cfg.optimizer} schedule found through the moment model is worse than the "
+            f"constant batch by the model's own prediction (E f(x_K) {fmt(opt, 6)} vs "
+            f"{fmt(const, 6)}); raise --max-iter or --min-batch; nothing written"
+        )
+
+
+def _compute_adaptive(cfg: Config, problem, progress, interrupts: Interrupts) -> Results:
+    """Adam / RMSprop: the optimum of the moment model (``js.adaptive_optimal_schedule``, L-BFGS
+    through the discrete recursion of theory 9.2) and the model's predicted loss of every baseline,
+    evaluated by the library in the same call. There are no sensitivities phi_k, no exact losses and
+    no gradient-descent trajectory: those fields stay None."""
+    import numpy as np
+
+    import jaxsched as js
+
+    optimizer = make_optimizer(cfg, cfg.steps)
+    # the library's range warnings go into the report (and schedule.json), not onto stderr
+    kinds = (RuntimeWarning, js.UntestedRangeWarning)
+    with warnings.catch_warnings(record=True) as messages:
+        warnings.simplefilter("always")
+        progress.set_description("SGD square-root rule")
+        schedules = {k: np.asarray(v, dtype=np.int64) for k, v in _baselines(cfg).items()}
+        schedules["sgd_sqrt_rule"] = np.asarray(sgd_sqrt_rule(cfg, problem, optimizer), dtype=np.int64)
+        progress.update()
+        interrupts.check()
+
+        progress.set_description(f"optimal schedule ({cfg.optimizer})")
+        opt = _library_call(
+            cfg, js.adaptive_optimal_schedule, problem, optimizer=optimizer, steps=cfg.steps,
+            samples=cfg.samples, min_batch=cfg.min_batch, max_batch=cfg.max_batch,
+            method="gradient", max_iter=cfg.max_iter, progress=not cfg.quiet,
+            baselines={k: schedules[k] for k in ADAPTIVE_BASELINES},
+        )
+        progress.update()
+        interrupts.check()
+    notes = [str(w.message) for w in messages if issubclass(w.category, kinds)]
+
+    progress.set_description("predicted losses")
+    # The library lists its own constant and square-root schedules first, then the ones passed,
+    # in their order: the latter are the integer schedules written to the files.
+    losses = np.asarray(opt.baseline_losses, dtype=np.float64)[-len(ADAPTIVE_BASELINES):]
+    predicted = {"optimal": float(opt.predicted_loss)} | {
+        k: float(v) for k, v in zip(ADAPTIVE_BASELINES, losses, strict=True)
+    }
+    schedules = {"optimal": np.asarray(opt.batch_sizes, dtype=np.int64)} | schedules
+    predicted = {k: predicted[k] for k in schedules}
+    _check_finite(cfg, "predicted loss", predicted)
+    floor = loss_floor(problem)
+    _check_adaptive_better(cfg, predicted)
+    progress.update()
+    interrupts.check()
+    return Results(
+        schedules=schedules,
+        predicted=predicted,
+        exact=dict.fromkeys(schedules),
+        trajectories=dict.fromkeys(schedules),
+        phi=None,
+        gd_predicted=None,
+        gd_exact=None,
+        gd_trajectory=None,
+        noise={},
+        compression=None,
+        iterations=int(opt.iterations),
+        config=cfg,
+        lr_schedule=[float(v) for v in np.asarray(optimizer.step_sizes(cfg.steps), dtype=np.float64)],
+        warnings=notes,
+        clipped_steps=None,
+        moment_model={
+            "model": opt.model,
+            "level": opt.level,
+            "covariance": opt.covariance,
+            "blocks": int(opt.blocks),
+            "method": opt.method,
+            "relaxed_loss": float(opt.relaxed_loss),
+            "stopped_at_iteration_cap": bool(opt.result == js.RESULTS.max_iterations_reached),
+        },
+        loss_floor=floor,
     )
 
 

@@ -1,5 +1,6 @@
 """The outputs of ``jaxsched optimize``: the content of ``schedule.json`` and ``schedule.csv``, the
-figure ``schedule.png`` and the table printed after a run."""
+figure ``schedule.png`` and the table printed after a run (for SGD with exact losses; for Adam and
+RMSprop with the moment model's predictions only)."""
 
 from __future__ import annotations
 
@@ -28,8 +29,22 @@ def _stopped_at_cap(cfg: Config, res: Results) -> bool:
     return cfg.method != "closed_form" and res.iterations >= cfg.max_iter
 
 
+#: Why an Adam/RMSprop schedule.json has null fields (docs/theory.md §9).
+NOT_AVAILABLE = {
+    "exact_loss": "no exact recursion exists for Adam/RMSprop (the preconditioner is a nonlinear "
+    "function of the gradients); every loss is the moment model's prediction",
+    "phi": "no sensitivities: the expected loss is not affine in 1/b, so there is no phi and no "
+    "square-root rule (jaxsched export, which fits stages to phi, does not apply)",
+    "gradient_descent_loss": "no noise-free reference: for Adam/RMSprop the batch size moves the "
+    "mean path itself; excess losses are over min f instead (moment_model.loss_floor)",
+    "stability_clipped_steps": "the mean-square stability clip is SGD's (theory 8.2)",
+}
+
+
 def payload(cfg: Config, info: dict, res: Results) -> dict:
     """The content of ``schedule.json``."""
+    if cfg.adaptive:
+        return _adaptive_payload(cfg, info, res)
     return {
         "problem": info,
         "lr": cfg.lr,
@@ -69,8 +84,65 @@ def payload(cfg: Config, info: dict, res: Results) -> dict:
     }
 
 
+def _adaptive_payload(cfg: Config, info: dict, res: Results) -> dict:
+    """``schedule.json`` of an Adam/RMSprop run: the SGD layout where its fields make sense, null
+    (with the reason in ``not_available``) where they do not, and the moment model used."""
+    floor = res.loss_floor
+    return {
+        "problem": info,
+        "lr": cfg.lr,
+        "steps": cfg.steps,
+        "samples": cfg.samples,
+        "min_batch": cfg.min_batch,
+        "max_batch": cfg.max_batch,
+        "x64": cfg.x64,
+        "method": cfg.method,
+        "iterations": res.iterations,
+        "max_iter": cfg.max_iter,
+        "stopped_at_iteration_cap": bool(res.moment_model["stopped_at_iteration_cap"]),
+        "schedules": {
+            name: {
+                "batch_sizes": [int(v) for v in b],
+                "predicted_loss": _finite_or_none(res.predicted[name]),
+                "exact_loss": None,
+                "predicted_excess_loss": _finite_or_none(res.predicted[name] - floor),
+            }
+            for name, b in res.schedules.items()
+        },
+        "gradient_descent_loss": None,
+        "baseline_parameters": {
+            "linear_ramp": {"ratio": RAMP_RATIO},
+            "step_doubling": {"stages": min(DOUBLING_STAGES, cfg.steps)},
+            "sgd_sqrt_rule": {"description": "b_k proportional to sqrt(phi_k) of plain SGD at the "
+                              "same learning rates (theory 4), integers with the exact budget"},
+        },
+        "stage_compression": None,
+        "phi": None,
+        "sensitivity": None,
+        "optimizer": optimizer_info(cfg),
+        "lr_schedule": [float(v) for v in res.lr_schedule],
+        "budget": {"kind": "samples"},
+        "stability_clipped_steps": None,
+        "moment_model": {
+            **res.moment_model,
+            "loss_floor": floor,
+            "loss_floor_description": "min f (the least-squares optimum), subtracted for the "
+            "excess losses and gains",
+            "reference": "docs/theory.md section 9",
+        },
+        "not_available": dict(NOT_AVAILABLE),
+        "warnings": list(res.warnings),
+    }
+
+
 def optimizer_info(cfg: Config) -> dict:
-    """The optimizer of the run as schedule.json records it."""
+    """The optimizer of the run as schedule.json records it (the library's argument names)."""
+    if cfg.optimizer == "adam":
+        return {"name": "adam", "lr": cfg.lr, "b1": cfg.b1, "b2": cfg.b2, "eps": cfg.eps,
+                "lr_schedule": cfg.lr_schedule}
+    if cfg.optimizer == "rmsprop":
+        return {"name": "rmsprop", "lr": cfg.lr, "decay": cfg.b2, "eps": cfg.eps,
+                "eps_in_sqrt": False, "lr_schedule": cfg.lr_schedule}
     return {
         "name": "sgd",
         "lr": cfg.lr,
@@ -81,8 +153,13 @@ def optimizer_info(cfg: Config) -> dict:
 
 
 def optimizer_text(cfg: Config) -> str:
-    """``SGD``, ``heavy-ball SGD (momentum 0.9)`` or ``Nesterov SGD (...)``, with the lr schedule."""
-    if cfg.momentum == 0:
+    """``SGD``, ``heavy-ball SGD (momentum 0.9)``, ``Nesterov SGD (...)``, ``Adam (b1 ..., b2 ...,
+    eps ...)`` or ``RMSprop (decay ..., eps ...)``, with the lr schedule."""
+    if cfg.optimizer == "adam":
+        name = f"Adam (b1 {cfg.b1:g}, b2 {cfg.b2:g}, eps {cfg.eps:g})"
+    elif cfg.optimizer == "rmsprop":
+        name = f"RMSprop (PyTorch convention, decay {cfg.b2:g}, eps {cfg.eps:g} outside the root)"
+    elif cfg.momentum == 0:
         name = "plain SGD"
     else:
         name = f"{'Nesterov' if cfg.nesterov else 'heavy-ball'} SGD (momentum {cfg.momentum:g})"
@@ -105,11 +182,13 @@ _STYLE = {
     "linear_ramp": {"color": "C2", "lw": 1.4},
     "step_doubling": {"color": "C1", "lw": 1.4},
     "compressed": {"color": "C4", "lw": 1.6, "ls": "--", "zorder": 6},
+    "sgd_sqrt_rule": {"color": "C5", "lw": 1.4, "ls": ":"},
 }
 
 
 def write_png(path: str, cfg: Config, info: dict, res: Results) -> None:
-    """The figure ``schedule.png``: schedules, exact losses and their excess (quadratic problems)."""
+    """The figure ``schedule.png``: schedules, exact losses and their excess (SGD on quadratic
+    problems; the schedules alone for Adam / RMSprop, which have no exact loss trajectory)."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: leaves the user's backend alone
@@ -140,7 +219,9 @@ def write_png(path: str, cfg: Config, info: dict, res: Results) -> None:
             title="excess over gradient descent (noise)",
         )
         axes[2].set_yscale("log")
-    fig.suptitle(f"{info['name']}: lr = {cfg.lr:g}, {cfg.steps} steps, {cfg.samples} samples", fontsize=11)
+    who = f"{cfg.optimizer}, " if cfg.adaptive else ""
+    fig.suptitle(f"{info['name']}: {who}lr = {cfg.lr:g}, {cfg.steps} steps, {cfg.samples} samples",
+                 fontsize=11)
     fig.savefig(path, format="png", dpi=110)
 
 
@@ -154,6 +235,32 @@ def text_writer(text: str) -> Callable[[str], None]:
 
 def _fmt_gain(x: float | None) -> str:
     return "-" if x is None else f"{fmt(x, 3)}x"
+
+
+def _align(head: tuple, rows: list[tuple]) -> list[str]:
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+
+    def line(r):
+        cells = zip(r, widths, strict=True)
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells))
+
+    return [line(r) for r in [head, *rows]]
+
+
+def _adaptive_table(res: Results) -> list[str]:
+    head = ("schedule", "predicted E f(x_K)", "predicted excess", "gain (predicted)")
+    floor = res.loss_floor
+    opt_excess = res.predicted["optimal"] - floor
+    rows = [
+        (
+            name,
+            fmt(res.predicted[name]),
+            fmt(res.predicted[name] - floor, 4),
+            "-" if name == "optimal" else _fmt_gain(_gain(res.predicted[name] - floor, opt_excess)),
+        )
+        for name in res.schedules
+    ]
+    return _align(head, rows)
 
 
 def _table(res: Results) -> list[str]:
@@ -180,12 +287,7 @@ def _table(res: Results) -> list[str]:
                 "-" if is_opt else _fmt_gain(_gain(res.noise[name], res.noise["optimal"])),
             )
         )
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    def line(r):
-        cells = zip(r, widths, strict=True)
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells))
-
-    return [line(r) for r in [head, *rows]]
+    return _align(head, rows)
 
 
 def report(cfg: Config, info: dict, res: Results, written: list[str]) -> str:
@@ -207,6 +309,8 @@ def report(cfg: Config, info: dict, res: Results, written: list[str]) -> str:
         f"samples {cfg.samples}{dflt('samples')}, batch sizes in [{cfg.min_batch}, {bound}], "
         f"method {cfg.method}, {'float64' if cfg.x64 else 'float32'}"
     )
+    if cfg.adaptive:
+        return _adaptive_report(cfg, info, res, written, size, settings)
     baselines = (
         f"baselines constant; linear ramp (last/first = {RAMP_RATIO:g}); step doubling "
         f"({min(DOUBLING_STAGES, cfg.steps)} stages); same samples and bounds"
@@ -248,6 +352,43 @@ def report(cfg: Config, info: dict, res: Results, written: list[str]) -> str:
             f"({_fmt_gain(_gain(c['objective'], c['unconstrained_objective']))})",
             f"  stages (batch size x steps): {stages}",
         ]
+    lines += ["", f"computed in {res.seconds:.1f} s; wrote {', '.join(written)}"]
+    return "\n".join(lines)
+
+
+def _adaptive_report(cfg: Config, info: dict, res: Results, written: list[str], size: str,
+                     settings: str) -> str:
+    """The text after an Adam/RMSprop run: the moment model's predictions only (no exact losses)."""
+    mm = res.moment_model
+    model = (
+        f"model    the {mm['model']} moment model of docs/theory.md section 9, level {mm['level']}, "
+        f"{mm['covariance']} covariance; L-BFGS over {mm['blocks']} blocks"
+    )
+    baselines = (
+        f"baselines constant; linear ramp (last/first = {RAMP_RATIO:g}); step doubling "
+        f"({min(DOUBLING_STAGES, cfg.steps)} stages); SGD square-root rule (b_k ~ sqrt(phi_k) of "
+        "plain SGD at the same lr); same samples and bounds"
+    )
+    lines = [f"problem  {info['name']}: {info['description']} ({size})", settings,
+             optimizer_text(cfg), model, baselines, ""]
+    lines += _adaptive_table(res)
+    lines += [
+        "",
+        f"every loss is the moment model's prediction: {cfg.optimizer} has no exact recursion and no "
+        "closed form (the expected loss is not affine in 1/b)",
+        f"predicted excess = predicted E f(x_K) minus min f = {fmt(res.loss_floor)} (least-squares "
+        "optimum); gain = the schedule's excess / the optimal schedule's excess (> 1: the optimal "
+        "one wins)",
+    ]
+    if mm["stopped_at_iteration_cap"]:
+        lines.append(
+            f"note: L-BFGS stopped at its iteration cap ({res.iterations} of --max-iter "
+            f"{cfg.max_iter}) before meeting its tolerance: the schedule may not be fully optimised "
+            "(raise --max-iter)"
+        )
+    else:
+        lines.append(f"L-BFGS converged in {res.iterations} iterations (cap {cfg.max_iter})")
+    lines += [f"note: {w}" for w in res.warnings]
     lines += ["", f"computed in {res.seconds:.1f} s; wrote {', '.join(written)}"]
     return "\n".join(lines)
 

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from ._common import EXIT_USAGE, UsageError
 
 DEFAULT_LR = 0.05
+#: --lr's default with --optimizer adam or rmsprop: inside the range the moment model was checked in
+#: (docs/theory.md §9: lr <= 0.04; its tables use 0.01).
+DEFAULT_ADAPTIVE_LR = 0.01
 DEFAULT_STEPS = 400
 DEFAULT_SAMPLES = 3200
 DEFAULT_OUT = "jaxsched-out"
@@ -31,6 +34,14 @@ LR_SCHEDULES = ("constant", "cosine", "step", "warmup-cosine")
 STEP_FACTORS = (1.0, 0.3, 0.1)
 #: warmup-cosine: the share of the steps spent in the linear warmup.
 WARMUP_SHARE = 0.05
+OPTIMIZERS = ("sgd", "adam", "rmsprop")
+ADAPTIVE = ("adam", "rmsprop")
+#: Defaults of --b1, --b2 and --eps (optax's and PyTorch's: Adam b2 0.999, RMSprop alpha 0.99).
+ADAPTIVE_DEFAULTS = {"b1": {"adam": 0.9}, "b2": {"adam": 0.999, "rmsprop": 0.99},
+                     "eps": {"adam": 1e-8, "rmsprop": 1e-8}}
+#: The schedules an Adam/RMSprop run compares with: the SGD baselines and the square-root rule of
+#: plain SGD at the same learning rates (docs/theory.md §9.1 shows why it is no optimum for Adam).
+ADAPTIVE_BASELINES = (*BASELINES, "sgd_sqrt_rule")
 
 EPILOG = f"""\
 exit codes: 0 success; {EXIT_USAGE} bad input, including a learning rate at which the losses
@@ -61,6 +72,11 @@ FLAGS = {
     "momentum": "--momentum",
     "nesterov": "--nesterov",
     "sensitivity": "--sensitivity",
+    "optimizer": "--optimizer",
+    "b1": "--b1",
+    "b2": "--b2",
+    "decay": "--b2",  # RMSprop's decay is --b2
+    "eps": "--eps",
 }
 
 
@@ -99,6 +115,15 @@ class Config:
     lr_schedule: str = "constant"
     steps_budget: int | None = None
     step_time: tuple[float, float] | None = None
+    optimizer: str = "sgd"
+    b1: float | None = None  # Adam only (RMSprop has no first moment)
+    b2: float | None = None  # Adam's second-moment decay, RMSprop's decay
+    eps: float | None = None
+
+    @property
+    def adaptive(self) -> bool:
+        """True for ``--optimizer adam`` or ``rmsprop`` (the moment model of docs/theory.md §9)."""
+        return self.optimizer in ADAPTIVE
 
     @property
     def budget(self) -> str:
@@ -128,14 +153,15 @@ def check_config(args: argparse.Namespace) -> Config:
             return default
         return value
 
+    adaptive = args.optimizer in ADAPTIVE
     cfg = Config(
         dataset=args.dataset,
-        lr=pick("lr", DEFAULT_LR),
+        lr=pick("lr", DEFAULT_ADAPTIVE_LR if adaptive else DEFAULT_LR),
         steps=pick("steps", DEFAULT_STEPS),
         samples=pick("samples", DEFAULT_SAMPLES),
         min_batch=args.min_batch,
         max_batch=args.max_batch,
-        method=args.method,
+        method=pick("method", "gradient" if adaptive else "closed_form"),
         max_iter=pick("max_iter", DEFAULT_MAX_ITER),
         stages=args.stages,
         multiple_of=pick("multiple_of", 1),
@@ -143,11 +169,12 @@ def check_config(args: argparse.Namespace) -> Config:
         x64=args.x64,
         quiet=args.quiet,
         defaulted=defaulted,
-        sensitivity=args.sensitivity,
-        momentum=args.momentum,
+        sensitivity=pick("sensitivity", "auto"),
+        momentum=pick("momentum", 0.0),
         nesterov=args.nesterov,
         lr_schedule=args.lr_schedule,
         steps_budget=args.steps_budget,
+        optimizer=args.optimizer,
     )
     if not math.isfinite(cfg.lr) or cfg.lr <= 0:
         raise UsageError(f"--lr: must be a finite number > 0, got {cfg.lr:g}")
@@ -159,7 +186,11 @@ def check_config(args: argparse.Namespace) -> Config:
         raise UsageError("--max-iter: only applies with --method gradient or exact")
     if cfg.max_batch is not None and cfg.max_batch < cfg.min_batch:
         raise UsageError(f"--max-batch: must be >= --min-batch = {cfg.min_batch}, got {cfg.max_batch}")
-    _check_optimizer(cfg)
+    if cfg.adaptive:
+        _check_adaptive(cfg, args)
+    else:
+        _check_sgd_only_flags(args)
+        _check_optimizer(cfg)
     _check_budget_flags(cfg, args)
     if cfg.steps_budget is not None:
         _check_steps_budget(cfg)
@@ -178,6 +209,60 @@ def check_config(args: argparse.Namespace) -> Config:
     _check_stages(cfg, args)
     _check_dataset_options(cfg, args)
     return cfg
+
+
+def _check_sgd_only_flags(args: argparse.Namespace) -> None:
+    for name in ("b1", "b2", "eps"):
+        if getattr(args, name) is not None:
+            raise UsageError(f"{FLAGS[name]}: only applies with --optimizer adam or rmsprop")
+
+
+def _check_adaptive(cfg: Config, args: argparse.Namespace) -> None:
+    """The flags of ``--optimizer adam|rmsprop``: ranges of --b1, --b2, --eps (defaults filled in)
+    and the SGD-only flags refused, each naming its flag."""
+    which = cfg.optimizer
+    name = "Adam" if which == "adam" else "RMSprop"
+    if which == "rmsprop" and args.b1 is not None:
+        raise UsageError("--b1: RMSprop has no first moment (b1 = 0); use --optimizer adam for --b1")
+    if which == "adam":
+        cfg.b1 = ADAPTIVE_DEFAULTS["b1"][which] if args.b1 is None else args.b1
+        if not (math.isfinite(cfg.b1) and 0.0 <= cfg.b1 < 1.0):
+            raise UsageError(f"--b1: must satisfy 0 <= B1 < 1, got {cfg.b1:g}")
+    cfg.b2 = ADAPTIVE_DEFAULTS["b2"][which] if args.b2 is None else args.b2
+    if not (math.isfinite(cfg.b2) and 0.0 < cfg.b2 < 1.0):
+        # b2 = 0 would make v the current squared gradient (sign descent); the library refuses it
+        raise UsageError(f"--b2: must satisfy 0 < B2 < 1, got {cfg.b2:g}")
+    cfg.eps = ADAPTIVE_DEFAULTS["eps"][which] if args.eps is None else args.eps
+    if not (math.isfinite(cfg.eps) and cfg.eps > 0.0):
+        raise UsageError(f"--eps: must be a finite number > 0, got {cfg.eps:g}")
+    for defaults in ("b1", "b2", "eps"):
+        if getattr(args, defaults) is None:
+            cfg.defaulted.add(defaults)
+    if args.momentum is not None:
+        raise UsageError(
+            f"--momentum: {name} has its own moments (--b1, --b2); --momentum is SGD's heavy ball"
+        )
+    if args.nesterov:
+        raise UsageError(f"--nesterov: only applies with --optimizer sgd (not {which})")
+    if args.method is not None and args.method != "gradient":
+        raise UsageError(
+            f"--method: {name} has no closed form and no exact recursion (docs/theory.md §9); its "
+            "schedule is found by gradient descent through the moment model: --method gradient "
+            "(the default with --optimizer adam or rmsprop)"
+        )
+    if args.sensitivity is not None:
+        raise UsageError(
+            f"--sensitivity: {name} has no sensitivities phi_k (its expected loss is not affine in "
+            "1/b); the moment model is differentiated instead"
+        )
+    if args.stages is not None:
+        raise UsageError(
+            f"--stages: stage compression fits the SGD objective sum_k phi_k / b_k; not available "
+            f"with --optimizer {which}"
+        )
+    for flag, value in (("--steps-budget", args.steps_budget), ("--step-time", args.step_time)):
+        if value is not None:
+            raise UsageError(f"{flag}: searches SGD's closed forms; not available with --optimizer {which}")
 
 
 def _check_optimizer(cfg: Config) -> None:

@@ -1,13 +1,19 @@
-"""``jaxsched optimize``: the first-order optimal batch-size schedule (theory 4) for a least-squares
-problem against constant, linear-ramp and step-doubling schedules of the same sample budget.
+"""``jaxsched optimize``: the optimal batch-size schedule for a least-squares problem against
+constant, linear-ramp and step-doubling schedules of the same sample budget.
 
-Prints a table of predicted (expansion, theory 3) and exact (recursion, theory 5.2/5.3) final
-losses and writes ``schedule.json``, ``schedule.csv`` and ``schedule.png`` into ``--out``.
+With SGD (``--optimizer sgd``, the default, with optional momentum and lr schedule) the schedule is
+the first-order optimum of theory 4 and the table shows predicted (expansion, theory 3) and exact
+(recursion, theory 5.2/5.3) final losses. With ``--optimizer adam`` or ``rmsprop`` there is no
+closed form and no exact recursion: the schedule is found by gradient descent through the moment
+model of theory 9, and the table shows that model's predicted losses (the SGD square-root rule is
+one more baseline). Either way ``schedule.json``, ``schedule.csv`` and ``schedule.png`` are written
+into ``--out``.
 
 Every argument is checked before any computation; a bad one gives one line ``jaxsched optimize:
 error: --flag: what is wrong`` and exit code 2, and nothing is written. A schedule that exact SGD
-finds worse than the constant batch is never presented as optimal (exit code 3, nothing written).
-Files are written to temporary names in the output folder and renamed only when all are complete.
+(or, for Adam/RMSprop, the moment model) finds worse than the constant batch is never presented as
+optimal (exit code 3, nothing written). Files are written to temporary names in the output folder
+and renamed only when all are complete.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from ._common import Interrupts, UsageError, progress_bar, write_outputs
 from ._compute import NotBetterError, compute, make_problem
 from ._report import csv_text, payload, report, text_writer, write_png
 from ._settings import (
+    ADAPTIVE_DEFAULTS,
+    DEFAULT_ADAPTIVE_LR,
     DEFAULT_LR,
     DEFAULT_MAX_ITER,
     DEFAULT_OUT,
@@ -30,6 +38,7 @@ from ._settings import (
     EXIT_NOT_BETTER,
     GAUSSIAN_DEFAULTS,
     LR_SCHEDULES,
+    OPTIMIZERS,
     SENSITIVITIES,
     WARMUP_SHARE,
     check_config,
@@ -66,10 +75,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "optimize",
         help="optimal schedule vs baselines on one problem; writes schedule.json/.csv/.png",
         description=(
-            "Compute the first-order optimal batch-size schedule for least squares and compare it "
-            "with constant, linear-ramp and step-doubling schedules of the same sample budget. "
-            f"Defaults: the diabetes data, --lr {DEFAULT_LR}, --steps {DEFAULT_STEPS}, "
-            f"--samples {DEFAULT_SAMPLES}."
+            "Compute the optimal batch-size schedule for least squares and compare it with "
+            "constant, linear-ramp and step-doubling schedules of the same sample budget: for SGD "
+            "the first-order optimum (square-root rule), for Adam and RMSprop the optimum of the "
+            "moment model (gradient descent through it). "
+            f"Defaults: the diabetes data, --optimizer sgd, --lr {DEFAULT_LR} ({DEFAULT_ADAPTIVE_LR} "
+            f"with adam or rmsprop), --steps {DEFAULT_STEPS}, --samples {DEFAULT_SAMPLES}."
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -94,8 +105,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help=f"largest / smallest eigenvalue (default {GAUSSIAN_DEFAULTS['condition']:g})",
     )
     g.add_argument("--noise", type=float, help=f"label noise variance (default {GAUSSIAN_DEFAULTS['noise']})")
-    p.add_argument("--lr", type=float, help=f"learning rate h (default {DEFAULT_LR})")
-    p.add_argument("--steps", type=_whole_number, help=f"number of SGD steps K (default {DEFAULT_STEPS})")
+    p.add_argument(
+        "--lr",
+        type=float,
+        help=f"learning rate h (default {DEFAULT_LR}; {DEFAULT_ADAPTIVE_LR} with --optimizer adam or "
+        "rmsprop)",
+    )
+    p.add_argument("--steps", type=_whole_number, help=f"number of steps K (default {DEFAULT_STEPS})")
     p.add_argument(
         "--samples",
         type=_whole_number,
@@ -106,14 +122,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         choices=("closed_form", "gradient", "exact"),
-        default="closed_form",
-        help="closed_form: square-root rule on phi (default); gradient: L-BFGS through the ODE "
-        "expansion (slow, a cross-check); exact: L-BFGS through the exact SGD recursion",
+        help="closed_form: square-root rule on phi (default with SGD); gradient: L-BFGS through the "
+        "ODE expansion (slow, a cross-check), or with adam/rmsprop through the moment model (their "
+        "default and only method); exact: L-BFGS through the exact SGD recursion",
     )
     p.add_argument(
         "--max-iter",
         type=_whole_number,
-        help=f"with --method gradient or exact: L-BFGS iteration cap (default {DEFAULT_MAX_ITER}); "
+        help=f"with --method gradient or exact (and adam/rmsprop): L-BFGS iteration cap (default "
+        f"{DEFAULT_MAX_ITER}); "
         "the report says when the optimiser stopped at it",
     )
     p.add_argument(
@@ -129,20 +146,45 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--sensitivity",
         choices=SENSITIVITIES,
-        default="auto",
-        help="how the sensitivities phi_k are computed: auto (default: the eigenbasis for these "
-        "quadratic problems), dense (adjoint ODE of the full second moments), eigen (closed forms "
-        "in the Hessian's eigenbasis) or matrix-free (per-example gradients pushed forward, every "
-        "example: exact; data sets only)",
+        help="SGD only: how the sensitivities phi_k are computed: auto (default: the eigenbasis for "
+        "these quadratic problems), dense (adjoint ODE of the full second moments), eigen (closed "
+        "forms in the Hessian's eigenbasis) or matrix-free (per-example gradients pushed forward, "
+        "every example: exact; data sets only)",
     )
     o = p.add_argument_group(
         "optimizer",
-        "SGD with heavy-ball or Nesterov momentum (optax / PyTorch trace form) and an lr schedule; "
-        "the optimal schedule, every baseline and every exact loss use the same optimizer",
+        "SGD with heavy-ball or Nesterov momentum (optax / PyTorch trace form), or Adam / RMSprop "
+        "(optax.adam; PyTorch's RMSprop = optax.rmsprop(eps_in_sqrt=False)), each with an lr "
+        "schedule; the optimal schedule and every baseline use the same optimizer",
     )
-    o.add_argument("--momentum", type=float, default=0.0, metavar="MU",
-                   help="momentum 0 <= MU < 1 (default 0: plain SGD)")
-    o.add_argument("--nesterov", action="store_true", help="Nesterov momentum (needs --momentum > 0)")
+    o.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="sgd",
+        help="sgd (default; exact losses by the recursion), adam (js.Adam: bias-corrected, eps "
+        "outside the root) or rmsprop (js.RMSprop, PyTorch's convention: v_0 = 0, no bias "
+        "correction, no momentum, eps added outside the root, i.e. optax.rmsprop(decay=B2, eps=EPS, "
+        "eps_in_sqrt=False); optax's default eps_in_sqrt=True is a different optimizer). Adam and "
+        "RMSprop have no closed form and no exact recursion: their schedule and every loss come "
+        "from the moment model of docs/theory.md section 9",
+    )
+    o.add_argument("--b1", type=float,
+                   help=f"adam: first-moment decay 0 <= B1 < 1 (default {ADAPTIVE_DEFAULTS['b1']['adam']:g})")
+    o.add_argument(
+        "--b2",
+        type=float,
+        help="adam: second-moment decay; rmsprop: its decay (PyTorch's alpha); 0 < B2 < 1 (default "
+        f"{ADAPTIVE_DEFAULTS['b2']['adam']:g} for adam, {ADAPTIVE_DEFAULTS['b2']['rmsprop']:g} for rmsprop)",
+    )
+    o.add_argument(
+        "--eps",
+        type=float,
+        help="adam/rmsprop: EPS > 0 added to the square root of v, outside it (default "
+        f"{ADAPTIVE_DEFAULTS['eps']['adam']:g})",
+    )
+    o.add_argument("--momentum", type=float, metavar="MU",
+                   help="sgd: momentum 0 <= MU < 1 (default 0: plain SGD)")
+    o.add_argument("--nesterov", action="store_true", help="sgd: Nesterov momentum (needs --momentum > 0)")
     o.add_argument(
         "--lr-schedule",
         choices=LR_SCHEDULES,
