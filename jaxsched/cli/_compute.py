@@ -291,12 +291,16 @@ def _exact_losses(cfg: Config, problem, schedules: dict, optimizer):
     return trajectories, trajectory(np.full(cfg.steps, np.inf))
 
 
+_OPTIMIZER_NAMES = {"sgd": "SGD", "adam": "Adam", "rmsprop": "RMSprop"}
+
+
 def _check_finite(cfg: Config, what: str, values: dict) -> None:
     bad = [k for k, v in values.items() if v is not None and not math.isfinite(v)]
     if bad:
         raise UsageError(
             f"--lr: at lr {cfg.lr:g} the {what} of the {bad[0].replace('_', ' ')} schedule is not "
-            f"finite (SGD diverges: the loss overflows); use a smaller --lr or a larger --min-batch"
+            f"finite ({_OPTIMIZER_NAMES[cfg.optimizer]} diverges: the loss overflows); use a smaller "
+            "--lr or a larger --min-batch"
         )
 
 

@@ -182,15 +182,15 @@ def check_config(args: argparse.Namespace) -> Config:
     _check_int("--samples", cfg.samples, 1)
     _check_int("--min-batch", cfg.min_batch, 1)
     _check_int("--max-iter", cfg.max_iter, 1)
-    if args.max_iter is not None and cfg.method == "closed_form":
-        raise UsageError("--max-iter: only applies with --method gradient or exact")
-    if cfg.max_batch is not None and cfg.max_batch < cfg.min_batch:
-        raise UsageError(f"--max-batch: must be >= --min-batch = {cfg.min_batch}, got {cfg.max_batch}")
     if cfg.adaptive:
         _check_adaptive(cfg, args)
     else:
         _check_sgd_only_flags(args)
         _check_optimizer(cfg)
+    if args.max_iter is not None and cfg.method == "closed_form":
+        raise UsageError("--max-iter: only applies with --method gradient or exact")
+    if cfg.max_batch is not None and cfg.max_batch < cfg.min_batch:
+        raise UsageError(f"--max-batch: must be >= --min-batch = {cfg.min_batch}, got {cfg.max_batch}")
     _check_budget_flags(cfg, args)
     if cfg.steps_budget is not None:
         _check_steps_budget(cfg)
