@@ -113,16 +113,13 @@ def _expand(theta, length, samples, lo, hi):
     return jnp.repeat(means, length)
 
 
-@eqx.filter_jit
-def _adaptive_core(problem, opt, budget, baselines, phi_sgd, length, model, covariance, rtol, atol,
-                   solver, max_iter, gtol, meter):
-    steps = phi_sgd.shape[0]
-    dtype = phi_sgd.dtype
-    s, lo, hi = budget.samples, budget.lo, budget.hi
+def _block_optimum(loss, steps: int, length: int, s, lo, hi, dtype, max_iter: int, gtol, meter):
+    """The traced optimisation shared by :func:`adaptive_optimal_schedule` and the sweep: L-BFGS
+    over the block parameters from the constant schedule, on ``loss(b) -> AdaptiveExpansion``.
 
-    def loss(b, throw=False):
-        return _model_core(problem, b, opt, model, covariance, rtol, atol, solver, throw)
-
+    Returns ``(beta, phi_seen, iterations, result)``: the real optimum, the model's loss linearised
+    in ``u_k = 1 / b_k`` at it (``phi_seen = dL/du``, the weights of the integer step) and L-BFGS's
+    iteration count and result code. ``hi = None`` selects the softmax parametrisation."""
     theta0 = jnp.zeros(steps // length, dtype)  # the constant schedule
     b_const = _expand(theta0, length, s, lo, hi)
     # Objective: the change from the constant schedule in units of its noise term, an O(1)
@@ -137,6 +134,21 @@ def _adaptive_core(problem, opt, budget, baselines, phi_sgd, length, model, cova
     theta, iterations, result = _lbfgs(objective, theta0, max_iter, gtol, meter)
     beta = _expand(theta, length, s, lo, hi)
     phi_seen = jax.grad(lambda u: loss(1.0 / u).predicted_loss)(1.0 / beta)
+    return beta, phi_seen, iterations, result
+
+
+@eqx.filter_jit
+def _adaptive_core(problem, opt, budget, baselines, phi_sgd, length, model, covariance, rtol, atol,
+                   solver, max_iter, gtol, meter):
+    steps = phi_sgd.shape[0]
+    dtype = phi_sgd.dtype
+    s, lo, hi = budget.samples, budget.lo, budget.hi
+
+    def loss(b, throw=False):
+        return _model_core(problem, b, opt, model, covariance, rtol, atol, solver, throw)
+
+    beta, phi_seen, iterations, result = _block_optimum(loss, steps, length, s, lo, hi, dtype,
+                                                        max_iter, gtol, meter)
     b = alloc.integer_optimum(jnp.maximum(phi_seen, 0.0), s, min_batch=lo, max_batch=hi)
     b_sqrt = alloc.integer_optimum(phi_sgd, s, min_batch=lo, max_batch=hi)
     named = jnp.stack([jnp.full(steps, s / steps, dtype), b_sqrt.astype(dtype)]
