@@ -455,3 +455,15 @@ def test_bad_inputs(gauss, data_arrays):
     # Under tracing the value checks are eqx.error_if guards, raised when the program runs.
     with pytest.raises(Exception, match="lr: must be > 0"):
         jax.jit(lambda h: js.exact_expected_loss(gauss, b, lr=h))(-1.0)
+
+
+def test_exprel_matches_numpy_and_is_smooth_at_zero():
+    # The one exprel of the package (eigen step integrals, exact recursion rates): against NumPy's
+    # expm1(x) / x away from 0 (float64 rounding, 1e-15) and the series 1 + x/2 at 0, with the
+    # derivative 1/2 there (reverse mode goes through the series branch).
+    from jaxsched._misc import exprel
+
+    x = np.array([-30.0, -3.0, -1e-3, -1e-4, -9.9e-5, -1e-9, 1e-9, 9.9e-5, 1e-4, 1e-3, 2.0])
+    np.testing.assert_allclose(np.asarray(exprel(jnp.asarray(x))), np.expm1(x) / x, rtol=1e-15)
+    assert float(exprel(jnp.asarray(0.0))) == 1.0
+    np.testing.assert_allclose(float(jax.grad(exprel)(0.0)), 0.5, rtol=1e-15)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._misc import exprel
 from .._optimizer import SGD
 from .._problem.linear import EigenForm
 from .._solution import RESULTS
@@ -89,13 +90,6 @@ def _quadrature_phi(e: EigenForm, s: StepArray, constant: bool, nodes: int, batc
     return jax.lax.map(one_step, jnp.arange(steps), batch_size=block)
 
 
-def _phi1(x: Array) -> Array:
-    """``(e^x - 1) / x`` (``= 1`` at 0) via ``expm1``, with a series near 0."""
-    small = jnp.abs(x) < 1e-5
-    safe = jnp.where(small, 1.0, x)
-    return jnp.where(small, 1.0 + x / 2.0 + x**2 / 6.0, jnp.expm1(safe) / safe)
-
-
 def _moment_sums_phi(e: EigenForm, s: StepArray, constant: bool, block: int) -> StepArray:
     """Exact ``phi_k`` for a finite data set with ``d^2 <= n`` (docs/theory.md §5.3): ``phi(t)`` is
     a sum of exponentials ``(1/2) lam_i e^{-2 lam_i (T - t)} Q_ijl z0_j z0_l e^{-(lam_j + lam_l) t}``
@@ -115,9 +109,9 @@ def _moment_sums_phi(e: EigenForm, s: StepArray, constant: bool, block: int) -> 
     zz = z0[None, :, None] * z0[None, None, :]
 
     def coefficients(sk):
-        quad = e.quad * (sk * _phi1(rate * sk)) * zz
-        lin = 2.0 * e.lin * (sk * _phi1(rate_lin * sk)) * z0[None, :]
-        const = e.const * sk * _phi1(2.0 * lam * sk)
+        quad = e.quad * (sk * exprel(rate * sk)) * zz
+        lin = 2.0 * e.lin * (sk * exprel(rate_lin * sk)) * z0[None, :]
+        const = e.const * sk * exprel(2.0 * lam * sk)
         return quad.reshape(d, d * d), lin, const
 
     shared = coefficients(s[0]) if constant else None

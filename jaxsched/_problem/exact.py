@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._misc import _as_float_array, _is_concrete
+from .._misc import _as_float_array, _is_concrete, exprel
 from .._optimizer import AbstractOptimizer, as_optimizer
 from .._types import Array, Float, Scalar, ScalarLike, StepArray, Vector
 from .base import AbstractProblem, check_problem
@@ -358,15 +358,6 @@ def _eigen(problem: GaussianLinearRegression) -> tuple[Vector, Vector]:
     return lam, U.T @ (problem.x0 - problem.x_star)
 
 
-def _exprel_neg(x: Array) -> Array:
-    """``(1 - exp(-x)) / x`` for ``x >= 0`` (``= 1`` at 0), via ``expm1``; a Taylor series below
-    1e-4 keeps it exact and differentiable at 0 (error ``< x^4/120``)."""
-    small = x < 1e-4
-    safe = jnp.where(small, jnp.ones_like(x), x)
-    series = 1.0 - x / 2.0 + x**2 / 6.0 - x**3 / 24.0
-    return jnp.where(small, series, -jnp.expm1(-safe) / safe)
-
-
 @eqx.filter_jit
 def _phi_core(problem, t: Array, horizon: Scalar) -> Array:
     lam, z0 = _eigen(problem)
@@ -414,7 +405,7 @@ def _sensitivity_core(problem, lr: Scalar, steps: int) -> StepArray:
     T = lr * steps
     constant = 0.5 * jnp.sum(lam**3 * z0**2 * jnp.exp(-2.0 * lam * T))
     slope = 2.0 * (lam[:, None] - mu[None, :])
-    ratio = _exprel_neg(jnp.abs(slope) * lr)
+    ratio = exprel(-jnp.abs(slope) * lr)
 
     def one_step(k):
         # Exponent at the step's ends; both <= 0 on [0, T], so exp of the larger one never
