@@ -88,3 +88,18 @@ def nonquadratic_problem():
         return 0.5 * jnp.eye(2) + jnp.outer(g, g)
 
     return js.Problem(loss, noise_cov, jnp.array([2.5, -1.0]))
+
+
+# The files that take longest (compiles and subprocesses), started first so that the two xdist
+# workers (pyproject's addopts) do not end with one long file running alone; within a file the
+# order is unchanged, so module-scoped fixtures are still built once.
+_LONG_FIRST = (
+    "test_readme.py", "test_float32.py", "test_device_check.py", "test_notebooks.py",
+    "test_lr_gradients.py", "test_expansion.py", "test_conformance.py", "test_data_problem.py",
+    "test_sweep.py", "test_cli.py", "test_momentum_control.py", "test_cli_optimizers.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
