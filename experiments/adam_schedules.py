@@ -1,7 +1,8 @@
 """Adam / RMSprop batch schedules by gradient descent through the moment model, measured on real
 optax (docs/theory.md §9.4's table on this project's problem).
 
-For Gaussian linear regression (d = 5, eigenvalues spanning 100x, label noise 1), h = 0.01,
+For Gaussian linear regression (d = 5, eigenvalues spanning 100x, label noise 1; Adam, RMSprop,
+Adam with b2 = 0.99) and logistic regression on the breast-cancer data (Adam), h = 0.01,
 K = 1000, N = 8000 (mean batch 8), optax defaults: the optimum found through the discrete L1 model
 (and, with --continuous, through the diffrax form) against the constant schedule, a linear ramp,
 step doubling and plain SGD's square-root rule. Every schedule is run with real optax Adam /
@@ -11,7 +12,7 @@ losses (delta method). The model's predicted ratio is printed next to it.
 
 Writes results/adam_schedules.png (the optimum's shape for b2 = 0.999 and 0.99, and RMSprop).
 
-    python experiments/adam_schedules.py [--paths 6000] [--continuous]
+    python experiments/adam_schedules.py [--paths 6000] [--continuous] [--max-iter 100] [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -38,6 +39,34 @@ def issue_problem(d=5, seed=0):
     return js.GaussianLinearRegression(0.5 * (cov + cov.T), np.zeros(d), np.ones(d), 1.0)
 
 
+def cancer_problem():
+    """Logistic regression on scikit-learn's breast-cancer data: features standardised, projected on
+    their 5 principal components, plus a bias; x0 = 0; sampled with replacement. Returns the
+    problem and ``min f`` (Newton's method on the full-data loss)."""
+    import jax.numpy as jnp
+    from sklearn.datasets import load_breast_cancer
+
+    from jaxsched.datasets import standardise
+
+    X, y = load_breast_cancer(return_X_y=True)
+    X = standardise(X)
+    _, _, vt = np.linalg.svd(X, full_matrices=False)
+    A, t = np.hstack([X @ vt[:5].T, np.ones((X.shape[0], 1))]), y.astype(np.float64)
+
+    def loss(p, ex):
+        a, label = ex
+        z = a @ p
+        return jnp.logaddexp(0.0, z) - label * z
+
+    x = np.zeros(A.shape[1])
+    for _ in range(50):  # Newton on a strictly convex loss: converges quadratically
+        s = 1 / (1 + np.exp(-(A @ x)))
+        x = x - np.linalg.solve((A * (s * (1 - s))[:, None]).T @ A, A.T @ (s - t))
+    z = A @ x
+    floor = float(np.mean(np.logaddexp(0.0, z) - t * z))
+    return js.DataProblem(loss, (A, t), np.zeros(A.shape[1])), floor
+
+
 def paired_ratio(a, b):
     """``mean(a) / mean(b)`` and its standard error from paired samples (delta method)."""
     r = a.mean() / b.mean()
@@ -50,21 +79,30 @@ def main():
     parser.add_argument("--continuous", action="store_true",
                         help="also optimise through the diffrax form and compare on real optax")
     parser.add_argument("--out", default="results")
+    parser.add_argument("--max-iter", type=int, default=100, help="L-BFGS iterations")
+    parser.add_argument("--only", nargs="*", default=None, help="names of the rows to run")
     args = parser.parse_args()
-    problem = issue_problem()
-    floor = 0.5 * float(problem.noise_var)
+    gauss = issue_problem()
+    cancer, cancer_floor = cancer_problem()
     baselines = {"ramp": js.linear_ramp(K, N), "doubling": js.step_doubling(K, N)}
-    configs = [("Adam", js.Adam(H)), ("RMSprop", js.RMSprop(H)), ("Adam b2=0.99", js.Adam(H, b2=0.99))]
+    configs = [("Adam", gauss, js.Adam(H)), ("RMSprop", gauss, js.RMSprop(H)),
+               ("Adam b2=0.99", gauss, js.Adam(H, b2=0.99)),
+               ("breast cancer logistic, Adam", cancer, js.Adam(H))]
+    if args.only:
+        configs = [c for c in configs if c[0] in args.only]
     key = jax.random.key(2024)
     shapes = {}
-    print(f"Gaussian linear regression d=5, h={H}, K={K}, N={N}; {args.paths} real-optax paths per "
-          "schedule (common random numbers); excess-loss ratio to the constant, 95% intervals")
-    for name, opt in configs:
+    print(f"Gaussian linear regression d=5 and breast-cancer logistic regression (5 PCs + bias), "
+          f"h={H}, K={K}, N={N}; {args.paths} real-optax paths per schedule (common random "
+          "numbers); excess-loss ratio to the constant, 95% intervals")
+    for name, problem, opt in configs:
+        floor = cancer_floor if problem is cancer else 0.5 * float(problem.noise_var)
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", js.UntestedRangeWarning)
             res = js.adaptive_optimal_schedule(problem, optimizer=opt, steps=K, samples=N,
-                                               loss_floor=floor, baselines=baselines)
+                                               loss_floor=floor, baselines=baselines,
+                                               max_iter=args.max_iter)
         t_opt = time.perf_counter() - t0
         schedules = {"optimised": res.batch_sizes, "constant": js.constant_schedule(K, N),
                      "ramp": baselines["ramp"], "doubling": baselines["doubling"]}
@@ -72,7 +110,8 @@ def main():
         schedules["sgd_sqrt_rule"] = sqrt_b
         if args.continuous:
             resc = js.adaptive_optimal_schedule(problem, optimizer=opt, steps=K, samples=N,
-                                                loss_floor=floor, model="continuous")
+                                                loss_floor=floor, model="continuous",
+                                                max_iter=args.max_iter)
             schedules["optimised (diffrax)"] = resc.batch_sizes
         losses = {}
         for sname, b in schedules.items():
