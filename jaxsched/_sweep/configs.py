@@ -142,6 +142,7 @@ def host_checks(cols: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray]
 
 
 
-def problem_params(cols: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The problem-parameter columns (every column the sweep does not reserve)."""
-    return {k: v for k, v in cols.items() if k not in RESERVED}
+def problem_params(cols: Mapping[str, np.ndarray], also_reserved=()) -> dict[str, np.ndarray]:
+    """The problem-parameter columns (every column the sweep does not reserve, nor
+    ``also_reserved``: the optimizer's columns of an Adam / RMSprop sweep)."""
+    return {k: v for k, v in cols.items() if k not in RESERVED and k not in also_reserved}

@@ -117,10 +117,10 @@ def _first_failure(*pairs):
     return status
 
 
-def _one_config(builder, shared, cfg, rtol, atol, s: Settings) -> SweepOutputs:
-    problem = shared if builder is None else builder(**cfg["params"])
-    dtype = problem.x0.dtype
-    steps = s.steps
+def checked_inputs(problem, cfg, steps: int, dtype):
+    """``(lr, samples, lo, hi, lr_ok, budget_ok)`` of one configuration (traced): the budget and
+    the bounds (``max_batch = inf`` is ``samples``, capped at the problem's batch cap) with bad
+    values replaced by harmless ones, and whether the learning rate and the budget were valid."""
     lr = jnp.asarray(cfg["lr"], dtype)
     samples = jnp.asarray(cfg["samples"], dtype)
     lo = jnp.asarray(cfg["min_batch"], dtype)
@@ -139,6 +139,14 @@ def _one_config(builder, shared, cfg, rtol, atol, s: Settings) -> SweepOutputs:
     lo = jnp.where(budget_ok, lo, 1.0)
     hi = jnp.where(budget_ok, hi, 1.0)
     samples = jnp.where(budget_ok, samples, float(steps))
+    return lr, samples, lo, hi, lr_ok, budget_ok
+
+
+def _one_config(builder, shared, cfg, rtol, atol, s: Settings) -> SweepOutputs:
+    problem = shared if builder is None else builder(**cfg["params"])
+    dtype = problem.x0.dtype
+    steps = s.steps
+    lr, samples, lo, hi, lr_ok, budget_ok = checked_inputs(problem, cfg, steps, dtype)
 
     parts, result, lam_max = _first_order(problem, lr, steps, s, rtol, atol)
     gd_ok = lr * lam_max < 2.0

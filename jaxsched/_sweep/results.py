@@ -19,7 +19,7 @@ from .._misc import atomic_write
 from .._solution import RESULTS
 from .._types import Array, Float, Int
 from .configs import Configurations, host_checks, problem_params
-from .status import SweepStatus, reason, to_results
+from .status import KEEPS_NUMBERS, KEEPS_SOLVER_CODE, SweepStatus, reason, to_results
 
 __all__ = ["SweepOutputs", "SweepResult", "load_results", "load_sweep"]
 
@@ -38,18 +38,29 @@ class SweepOutputs(eqx.Module):
     ``status`` (:class:`SweepStatus`, 0 = success), ``result`` (the :class:`jaxsched.RESULTS` code
     of the status: ``RESULTS[...]`` reads it) and ``solver_result`` (the ODE solver's code).
     Every number of a failed configuration is 0.
+
+    Adam / RMSprop sweeps (``optimizer=``, docs/theory.md §9: the moment model, no sensitivity)
+    have no ``phi``, ``correction``, ``objective``, ``relaxed_objective``, ``constant_objective``
+    or exact losses: those fields are ``None`` (absent from the result table), never filled in.
+    Their losses are the moment model's ``E F(x_K)``: ``predicted_loss`` of ``batch_sizes``,
+    ``relaxed_loss`` of ``beta``, ``constant_loss`` of ``samples / steps``; ``base_loss`` is
+    ``F(x̄_K)`` of the optimum's mean path and ``noise_term`` / ``constant_noise_term`` are
+    ``tr(hess F P_xx) / 2`` of the optimum / the constant schedule; ``gain = (constant_loss -
+    loss_floor) / (predicted_loss - loss_floor)``, the convention of
+    :attr:`jaxsched.AdaptiveSchedule.gains` (> 1: the optimum is better); ``iterations`` counts
+    L-BFGS iterations and ``solver_result`` holds L-BFGS's ``RESULTS`` code.
     """
 
     batch_sizes: Int[Array, "n steps"]
     beta: Float[Array, "n steps"]
-    phi: Float[Array, "n steps"]
+    phi: Float[Array, "n steps"] | None = eqx.field(default=None, kw_only=True)
     predicted_loss: Float[Array, " n"]
     constant_loss: Float[Array, " n"]
     base_loss: Float[Array, " n"]
-    correction: Float[Array, " n"]
-    objective: Float[Array, " n"]
-    relaxed_objective: Float[Array, " n"]
-    constant_objective: Float[Array, " n"]
+    correction: Float[Array, " n"] | None = eqx.field(default=None, kw_only=True)
+    objective: Float[Array, " n"] | None = eqx.field(default=None, kw_only=True)
+    relaxed_objective: Float[Array, " n"] | None = eqx.field(default=None, kw_only=True)
+    constant_objective: Float[Array, " n"] | None = eqx.field(default=None, kw_only=True)
     gain: Float[Array, " n"]
     status: Int[Array, " n"]
     solver_result: Int[Array, " n"]
@@ -58,6 +69,10 @@ class SweepOutputs(eqx.Module):
     exact_constant_loss: Float[Array, " n"] | None = None
     exact_gd_loss: Float[Array, " n"] | None = None
     exact_gain: Float[Array, " n"] | None = None
+    relaxed_loss: Float[Array, " n"] | None = None
+    noise_term: Float[Array, " n"] | None = None
+    constant_noise_term: Float[Array, " n"] | None = None
+    iterations: Int[Array, " n"] | None = None
 
 
 SCALAR_OUTPUTS = (
@@ -65,6 +80,12 @@ SCALAR_OUTPUTS = (
     "relaxed_objective", "constant_objective", "gain",
 )
 STEP_OUTPUTS = ("batch_sizes", "beta", "phi")
+#: The outputs of an Adam / RMSprop sweep (see :class:`SweepOutputs`).
+ADAPTIVE_SCALAR_OUTPUTS = (
+    "predicted_loss", "constant_loss", "base_loss", "gain", "relaxed_loss", "noise_term",
+    "constant_noise_term", "iterations",
+)
+ADAPTIVE_STEP_OUTPUTS = ("batch_sizes", "beta")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +98,8 @@ class SweepResult:
         steps: ``(n,)`` steps of each configuration.
         outputs: ``name -> array``: ``batch_sizes``, ``beta``, ``phi`` as ``(n, max_steps)``
             (entries past a configuration's ``steps`` are 0) and the scalar outputs of
-            :class:`SweepOutputs` as ``(n,)``. Failed rows hold zeros, never NaN.
+            :class:`SweepOutputs` as ``(n,)``. Failed rows hold zeros, never NaN (an Adam /
+            RMSprop row at ``MAX_ITERATIONS`` keeps its numbers, see ``KEEPS_NUMBERS``).
         status: ``(n,)`` :class:`SweepStatus` codes; ``reason``: ``(n,)`` text ("" when ok).
         result: ``(n,)`` :class:`jaxsched.RESULTS` codes of the statuses (``RESULTS.successful``
             is 0; a solver failure keeps the solver's code; ``-1``: not computed yet). Derived from
@@ -139,9 +161,10 @@ class SweepResult:
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per configuration: scalar configuration values (array-valued ones by their
-        grid index), status, reason, scalar outputs (empty for failed rows) and the batch sizes
-        as a space-separated string."""
+        grid index), status, reason, scalar outputs (empty for failed rows, those not in
+        :data:`KEEPS_NUMBERS`) and the batch sizes as a space-separated string."""
         cols = self.configs.columns
+        keep = np.isin(self.status, KEEPS_NUMBERS)
         rows = []
         for i in range(len(self)):
             row: dict[str, Any] = {"index": i}
@@ -156,9 +179,9 @@ class SweepResult:
             row["reason"] = str(self.reason[i])
             for k, v in self.outputs.items():
                 if v.ndim == 1:
-                    row[k] = v[i].item() if self.ok[i] else ""
+                    row[k] = v[i].item() if keep[i] else ""
             b = self.outputs["batch_sizes"][i, : self.steps[i]]
-            row["batch_sizes"] = " ".join(map(str, b.tolist())) if self.ok[i] else ""
+            row["batch_sizes"] = " ".join(map(str, b.tolist())) if keep[i] else ""
             rows.append(row)
         return rows
 
@@ -202,9 +225,11 @@ def _results_from_reasons(status, reasons) -> np.ndarray:
     status = np.asarray(status)
     solver = np.zeros(status.shape, np.int64)
     messages = RESULTS._index_to_message
-    for i in np.flatnonzero(status == SweepStatus.SOLVER_FAILED):
-        text = str(reasons[i]).removeprefix("ODE solver failed: ")
-        solver[i] = messages.index(text) if text in messages else int(RESULTS.internal_error._value)
+    for code, prefix in KEEPS_SOLVER_CODE.items():
+        for i in np.flatnonzero(status == code):
+            text = str(reasons[i]).removeprefix(prefix)
+            solver[i] = (messages.index(text) if text in messages
+                         else int(RESULTS.internal_error._value))
     return to_results(status, solver)
 
 
@@ -238,9 +263,11 @@ def load_chunk(path: str, expected_index: np.ndarray | None = None, *, notice=No
     return data
 
 
-def assemble(cfg, cols, layout, finished, host_status, host_detail) -> SweepResult:
+def assemble(cfg, cols, layout, finished, host_status, host_detail, *,
+             adaptive: bool = False) -> SweepResult:
     """The table of all configurations from finished chunks (``layout``: ``(steps, name, members,
-    size)`` per chunk) and the host-side statuses."""
+    size)`` per chunk) and the host-side statuses (``adaptive``: the outputs of an Adam / RMSprop
+    sweep when nothing was computed)."""
     n = len(cfg)
     steps = cols["steps"].astype(np.int64)
     kmax = int(steps.max())
@@ -264,12 +291,13 @@ def assemble(cfg, cols, layout, finished, host_status, host_detail) -> SweepResu
             core = data["status"]
             status[members] = np.where(host_status[members] != 0, host_status[members], core)
             solver_result[members] = data["solver_result"]
-    failed = status != SweepStatus.OK
+    failed = ~np.isin(status, KEEPS_NUMBERS)
     for v in outputs.values():
         v[failed] = 0  # host-rejected rows were computed on a stand-in configuration
     if not outputs:  # nothing was computed at all
-        outputs = {k: np.zeros((n, kmax) if k in STEP_OUTPUTS else (n,))
-                   for k in STEP_OUTPUTS + SCALAR_OUTPUTS}
+        names = (ADAPTIVE_STEP_OUTPUTS + ADAPTIVE_SCALAR_OUTPUTS if adaptive
+                 else STEP_OUTPUTS + SCALAR_OUTPUTS)
+        outputs = {k: np.zeros((n, kmax) if k in STEP_OUTPUTS else (n,)) for k in names}
     reasons = np.array([reason(int(s), int(r), str(d))
                         for s, r, d in zip(status, solver_result, host_detail, strict=True)],
                        dtype=object)

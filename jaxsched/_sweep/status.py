@@ -7,7 +7,7 @@ import numpy as np
 
 from .._solution import RESULTS
 
-__all__ = ["RESULT_OF_STATUS", "SweepStatus", "reason", "to_results"]
+__all__ = ["KEEPS_NUMBERS", "KEEPS_SOLVER_CODE", "RESULT_OF_STATUS", "SweepStatus", "reason", "to_results"]
 
 
 class SweepStatus:
@@ -19,6 +19,15 @@ class SweepStatus:
     ``NONFINITE_SENSITIVITY`` to ``nonfinite_sensitivity``, ``NONFINITE_EXACT`` to
     ``nonfinite_loss``, ``GD_DIVERGES`` to ``gd_diverges`` and ``NO_NOISE_TERM`` to
     ``invalid_value``.
+
+    Adam / RMSprop sweeps (``optimizer=``, docs/theory.md §9) add ``NONFINITE_MODEL`` (the moment
+    model's loss, its optimum or its linearisation not finite: ``nonfinite_loss``),
+    ``OPTIMIZER_FAILED`` (L-BFGS through the model failed: its own code is kept, as for
+    ``SOLVER_FAILED``), ``MAX_ITERATIONS`` (L-BFGS stopped at ``max_iter``:
+    ``max_iterations_reached``; the only status that keeps its numbers, see
+    :data:`KEEPS_NUMBERS`) and ``NO_EXCESS_LOSS`` (the optimum's predicted loss is not above
+    ``loss_floor``, so the gain is undefined: ``invalid_value``) and ``INVALID_OPTIMIZER`` (a
+    swept optimizer field, e.g. ``b2``, refused by the optimizer's constructor: ``invalid_value``).
     """
 
     OK = 0
@@ -30,6 +39,11 @@ class SweepStatus:
     NONFINITE_EXACT = 6
     NO_NOISE_TERM = 7
     GD_DIVERGES = 8
+    NONFINITE_MODEL = 9
+    OPTIMIZER_FAILED = 10
+    MAX_ITERATIONS = 11
+    NO_EXCESS_LOSS = 12
+    INVALID_OPTIMIZER = 13
 
 
 _REASONS = {
@@ -44,6 +58,15 @@ _REASONS = {
     SweepStatus.GD_DIVERGES: (
         "lr: gradient descent diverges (lr x largest Hessian eigenvalue >= 2); use a smaller lr"
     ),
+    SweepStatus.NONFINITE_MODEL: "moment model's predicted loss or its optimum not finite",
+    SweepStatus.OPTIMIZER_FAILED: "L-BFGS through the moment model failed",
+    SweepStatus.MAX_ITERATIONS: (
+        "L-BFGS through the moment model stopped at max_iter before its tolerance; raise max_iter"
+    ),
+    SweepStatus.NO_EXCESS_LOSS: (
+        "predicted loss of the optimum <= loss_floor: the excess-loss gain is undefined"
+    ),
+    SweepStatus.INVALID_OPTIMIZER: "optimizer: a swept field is outside its range",
 }
 
 _TO_RESULTS = {
@@ -55,7 +78,22 @@ _TO_RESULTS = {
     SweepStatus.NONFINITE_EXACT: RESULTS.nonfinite_loss,
     SweepStatus.NO_NOISE_TERM: RESULTS.invalid_value,
     SweepStatus.GD_DIVERGES: RESULTS.gd_diverges,
+    SweepStatus.NONFINITE_MODEL: RESULTS.nonfinite_loss,
+    SweepStatus.MAX_ITERATIONS: RESULTS.max_iterations_reached,
+    SweepStatus.NO_EXCESS_LOSS: RESULTS.invalid_value,
+    SweepStatus.INVALID_OPTIMIZER: RESULTS.invalid_value,
 }
+
+#: Statuses whose configurations keep their numbers. ``MAX_ITERATIONS``: the schedule is L-BFGS's
+#: last iterate, made integer with the exact budget, as :func:`jaxsched.adaptive_optimal_schedule`
+#: returns it with ``result = max_iterations_reached`` (valid, not at the tolerance). Every other
+#: non-zero status has zeros.
+KEEPS_NUMBERS = (SweepStatus.OK, SweepStatus.MAX_ITERATIONS)
+
+#: Statuses whose ``RESULTS`` code is the failing solver's own (kept in ``solver_result``), with
+#: the prefix of their reason.
+KEEPS_SOLVER_CODE = {SweepStatus.SOLVER_FAILED: "ODE solver failed: ",
+                     SweepStatus.OPTIMIZER_FAILED: "L-BFGS through the moment model failed: "}
 
 
 #: ``RESULTS`` code of each status category, indexed by the category (traced lookups use it).
@@ -71,17 +109,17 @@ def to_results(status: np.ndarray, solver_result: np.ndarray) -> np.ndarray:
     out = np.full(status.shape, -1, np.int64)
     for code, item in _TO_RESULTS.items():
         out[status == code] = int(item._value)
-    failed = status == SweepStatus.SOLVER_FAILED
+    failed = np.isin(status, list(KEEPS_SOLVER_CODE))
     out[failed] = np.asarray(solver_result)[failed]
     return out
 
 
 def reason(status: int, solver_result: int, detail: str = "") -> str:
     """The readable reason of a status (empty for success)."""
-    if status == SweepStatus.SOLVER_FAILED:
+    if status in KEEPS_SOLVER_CODE:
         messages = RESULTS._index_to_message
         msg = messages[solver_result] if 0 < solver_result < len(messages) else "unknown result"
-        return f"ODE solver failed: {msg}"
+        return f"{KEEPS_SOLVER_CODE[status]}{msg}"
     base = _REASONS.get(int(status), f"unknown status {status}")
     if status == SweepStatus.INFEASIBLE_BUDGET and not detail:
         detail = "found inside the core: without replacement a batch is at most num_examples"
