@@ -194,13 +194,15 @@ def write_png(path: str, cfg: Config, info: dict, res: Results) -> None:
     from matplotlib.figure import Figure  # no pyplot: leaves the user's backend alone
 
     quadratic = res.gd_trajectory is not None
-    fig = Figure(figsize=(13.5 if quadratic else 6, 4.2), layout="constrained")
+    # A fixed layout and plain-text labels: constrained layout and mathtext cost about half of
+    # the figure's time (measured 2.5 s against 1.2 s under load), most of a warm run's plotting.
+    fig = Figure(figsize=(13.5 if quadratic else 6, 4.2))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3 if quadratic else 1, squeeze=False)[0]
     steps = np.arange(cfg.steps)
     for name, b in res.schedules.items():
         axes[0].step(steps, b, where="post", label=name.replace("_", " "), **_STYLE.get(name, {}))
-    axes[0].set(xlabel="step k", ylabel="batch size $b_k$", title="batch-size schedules")
+    axes[0].set(xlabel="step k", ylabel="batch size b_k", title="batch-size schedules")
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=8)
     if quadratic:
@@ -211,17 +213,21 @@ def write_png(path: str, cfg: Config, info: dict, res: Results) -> None:
             style = _STYLE.get(name, {})
             axes[1].plot(k, tr, label=name.replace("_", " "), **style)
             axes[2].plot(k[1:], np.maximum(excess[1:], 1e-300), **style)
-        axes[1].set(xlabel="step k", ylabel="$E\\,f(x_k)$ (exact)", title="expected loss")
+        axes[1].set(xlabel="step k", ylabel="E f(x_k) (exact)", title="expected loss")
         axes[1].legend(fontsize=8)
         axes[2].set(
             xlabel="step k",
-            ylabel="$E\\,f(x_k) - f(x_k^{GD})$",
+            ylabel="E f(x_k) - f(x_k of GD)",
             title="excess over gradient descent (noise)",
         )
         axes[2].set_yscale("log")
     who = f"{cfg.optimizer}, " if cfg.adaptive else ""
     fig.suptitle(f"{info['name']}: {who}lr = {cfg.lr:g}, {cfg.steps} steps, {cfg.samples} samples",
                  fontsize=11)
+    if quadratic:
+        fig.subplots_adjust(left=0.06, right=0.99, bottom=0.12, top=0.86, wspace=0.28)
+    else:
+        fig.subplots_adjust(left=0.13, right=0.97, bottom=0.12, top=0.86)
     fig.savefig(path, format="png", dpi=110)
 
 
