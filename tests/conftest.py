@@ -1,13 +1,43 @@
 """Test configuration and shared builders: float64 everywhere, so tolerances reflect the
 mathematics, not rounding; a monkeypatch-based trace counter."""
 
+import atexit
 import collections
 import gc
+import os
+import shutil
+import tempfile
 
-import jax
-import pytest
+
+def _share_compiled_programs_between_processes():
+    """One persistent compilation cache for the whole test run, in a scratch folder removed at the
+    end: the xdist workers, the subprocesses (CLI, notebooks, the device check's smoke run) and
+    each module after :func:`_release_compiled_programs` load a program another one compiled
+    instead of compiling it again. The folder travels in the environment, so the first process
+    (the xdist controller) makes it and every later one inherits it. Commands run with
+    ``--no-cache`` / ``JAXSCHED_NO_CACHE=1`` still compile from scratch (the CLI turns the
+    persistent cache off then), so the tests that need a cold run get one."""
+    folder = os.environ.get("JAXSCHED_TEST_COMPILATION_CACHE")
+    if not folder:
+        folder = tempfile.mkdtemp(prefix="jaxsched-tests-xla-")
+        os.environ["JAXSCHED_TEST_COMPILATION_CACHE"] = folder
+        atexit.register(shutil.rmtree, folder, True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    # every program, however quick its compile (JAX's default keeps only those over 1 s)
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+    return folder
+
+
+_CACHE_FOLDER = _share_compiled_programs_between_processes()
+
+import jax  # noqa: E402  (after the cache settings, which JAX reads from the environment)
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_compilation_cache_dir", _CACHE_FOLDER)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 @pytest.fixture(scope="module", autouse=True)

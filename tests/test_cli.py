@@ -577,6 +577,8 @@ def test_cache_switches(tmp_path, monkeypatch):
         assert _common.cache_disabled_by_env() is disabled
     with _common.compilation_cache(False) as folder:
         assert folder is None
+        assert not jax.config.jax_enable_compilation_cache  # off, whatever the environment says
+    assert jax.config.jax_enable_compilation_cache  # restored
     before = jax.config.jax_compilation_cache_dir
     with _common.compilation_cache(True) as folder:
         assert jax.config.jax_compilation_cache_dir == folder

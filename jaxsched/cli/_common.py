@@ -152,12 +152,21 @@ def compilation_cache(enabled: bool) -> Iterator[str | None]:
     kept. Restores every setting afterwards and resets JAX's cache object on both ends, so the
     setting takes effect even after earlier compiles in this process and does not outlive the
     command. A folder that cannot be created disables the cache (a warning-free fallback: the run
-    only gets slower)."""
+    only gets slower). Disabled, JAX's cache is off for the command even where the environment
+    names a folder."""
     import jax
     from jax.experimental.compilation_cache import compilation_cache as cc
 
     if not enabled:
-        yield None
+        # Off means off, also for a folder set through JAX_COMPILATION_CACHE_DIR.
+        previous_enabled = jax.config.jax_enable_compilation_cache
+        try:
+            jax.config.update("jax_enable_compilation_cache", False)
+            cc.reset_cache()
+            yield None
+        finally:
+            jax.config.update("jax_enable_compilation_cache", previous_enabled)
+            cc.reset_cache()
         return
     names = ["jax_compilation_cache_dir", *_CACHE_OPTIONS]
     previous = {name: getattr(jax.config, name) for name in names}
