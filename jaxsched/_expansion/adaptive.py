@@ -251,6 +251,7 @@ def _alpha(run: _Run, k):
     return a1, a2
 
 
+@cm.vector_field
 def _continuous_field(sigma, y, args):
     problem, run, jump_ts, covariance = args
     x, m, v, P = y

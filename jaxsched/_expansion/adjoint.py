@@ -79,6 +79,7 @@ def _step_index(jump_ts, sigma):
     return jnp.searchsorted(jump_ts, sigma, side="right")
 
 
+@cm.vector_field
 def _flow_field(sigma, y, args):
     problem, units, jump_ts = args
     x, mc = y
@@ -88,6 +89,7 @@ def _flow_field(sigma, y, args):
     return (-s * g, -s * (H @ mc) - (0.5 * units.drift_factor * s * s) * (H @ g))
 
 
+@cm.vector_field
 def _adjoint_field(sigma, y, args):
     problem, path, units, jump_ts = args
     a, Lam, _ = y

@@ -64,6 +64,7 @@ import numpy as np
 from .._misc import _is_concrete
 from .._solution import RESULTS, combine, finish, first_failure
 from .._types import Array, Float, Int, Scalar, StepArray, Vector
+from . import _common as cm
 from .sensitivity import AbstractSensitivity, FirstOrderParts, _finish_parts
 
 __all__ = [
@@ -193,6 +194,7 @@ def _jet2(grad_fn, x: Vector, w: Vector, z: Vector) -> tuple[Vector, Vector]:
 
 # Time is in step units (docs/theory.md §8): sigma = t / lr, so every field carries the factor lr and
 # the node times are fixed numbers; gradients in lr are then those of ordinary array leaves.
+@cm.vector_field
 def _second_variation_field(t, y, args):
     problem, lr = args
     x, W, Z = y
@@ -200,6 +202,7 @@ def _second_variation_field(t, y, args):
     return (-lr * problem.gradient(x), -lr * HW, -lr * S)
 
 
+@cm.vector_field
 def _flow_field(t, x, args):
     problem, lr = args
     return -lr * problem.gradient(x)
@@ -549,6 +552,7 @@ def negative_sensitivity_report(phi, batch_sizes=None) -> NegativeSensitivityRep
 # the method object of the one sensitivity entry
 
 
+@cm.vector_field
 def _flow_correction_field(sigma, y, args):
     problem, units = args
     x, mc = y

@@ -51,6 +51,7 @@ class Expansion(eqx.Module):
     result: RESULTS
 
 
+@cm.vector_field
 def _moment_field(sigma, y, args):
     problem, u, units, jump_ts = args
     x, P, m, mc = y
