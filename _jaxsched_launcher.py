@@ -6,7 +6,8 @@ otherwise end in a traceback, or be swallowed by the import machinery of jax's d
 the handler is installed before that import: a SIGINT then prints one line and exits with status
 130 at once (nothing has been computed or written yet, so there is nothing to clean up). Once
 :func:`jaxsched.cli.main` runs, its own guard takes over (it restores this handler when it
-returns, so a Ctrl-C while the interpreter shuts down exits the same way).
+returns, so a Ctrl-C while the interpreter shuts down exits the same way). After an interrupted
+command the launcher skips the interpreter's teardown (see :func:`main`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,19 @@ def main() -> int:
     signal.signal(signal.SIGINT, _interrupted)
     from jaxsched.cli import main as cli_main
 
-    return cli_main()
+    code = cli_main()
+    if code == _EXIT_INTERRUPTED:
+        # The Ctrl-C may have landed while XLA was compiling: tearing the interpreter down then
+        # can crash (SIGSEGV or death by SIGINT, seen after the one-line message, about one run in
+        # three when the signal lands 3 s in). Nothing is left to save (outputs are written only
+        # after a finished run), so flush and leave at once with the documented status.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover
