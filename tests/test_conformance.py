@@ -171,7 +171,10 @@ def test_methods_refuse_problems_they_cannot_do():
 @pytest.fixture(scope="module")
 def diabetes_schedules():
     p = js.datasets.diabetes_problem()
-    kw = dict(lr=0.05, steps=40, samples=320)
+    # 10 steps: the exact matrix-free solve costs O(nodes * n^2 * d) (every node pushes every
+    # example's gradient through a Hessian of all n examples), 4 nodes per step; 10 steps keep it
+    # a few seconds while every method still sees the whole of the diabetes data.
+    kw = dict(lr=0.05, steps=10, samples=80)
     return {name: js.optimal_schedule(p, sensitivity=m, **kw) for name, m in
             [("dense", js.DenseAdjoint()), ("eigen", js.Eigenbasis()),
              ("matrix-free", js.MatrixFree(chunk_size=64))]}
