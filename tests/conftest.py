@@ -31,7 +31,24 @@ def _share_compiled_programs_between_processes():
 
 _CACHE_FOLDER = _share_compiled_programs_between_processes()
 
-import jax  # noqa: E402  (after the cache settings, which JAX reads from the environment)
+
+def _one_compute_thread_per_process():
+    """XLA's CPU runtime runs each process's kernels on a thread pool as wide as the machine, whose
+    idle threads spin before they sleep. The suite runs two xdist workers (and their subprocesses)
+    on two cores, so those pools fight over the cores: beside tests/test_float32.py, the quickstart
+    notebook took 144 s instead of 53 s with one compute thread per process (measured on the 2-core
+    box; compile-bound files are unaffected). The parallelism is in the workers, so each process
+    computes on one thread. Subprocesses inherit the setting; the tests that strip ``XLA_FLAGS``
+    (the sharded sweep, the sweep deadlock check) keep XLA's default threading on purpose."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_multi_thread_eigen" not in flags:
+        one = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        os.environ["XLA_FLAGS"] = f"{flags} {one}".strip()
+
+
+_one_compute_thread_per_process()
+
+import jax  # noqa: E402  (after the cache and thread settings, which JAX reads from the environment)
 import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
