@@ -11,7 +11,7 @@ reason):
   batch 2.3e-5 (a ratio of differences of nearby losses: about 100x the losses' rounding);
 - diabetes through the dense adjoint (ODE solves at rtol 1e-5): phi 6.8e-7;
 - MLP 64 -> 4 -> 10 on 100 digits (d = 310), against a float64 matrix-free reference with every
-  example: dense-adjoint phi 4e-6, matrix-free phi 1.8e-7, predicted loss 1.4e-7, optimal batch
+  example: dense-adjoint phi 5e-7, matrix-free phi 1.8e-7, predicted loss 1.4e-7, optimal batch
   sizes identical.
 
 So in float32 expect about 6 significant digits of phi and of the losses, 5 from the dense
