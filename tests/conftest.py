@@ -137,17 +137,13 @@ def nonquadratic_problem():
     return js.Problem(loss, noise_cov, jnp.array([2.5, -1.0]))
 
 
-# The files that take longest (compiles, Monte Carlo and subprocesses; per-file totals of a full
-# run), started first so that the two xdist workers do not end with one long file running alone.
-# pyproject's addopts pass --no-loadscope-reorder: xdist otherwise reorders the files by their
-# number of tests, which put the notebooks (three tests, three minutes) last. Within a file the
+# The files that take longest (compiles and subprocesses), started first so that the two xdist
+# workers (pyproject's addopts) do not end with one long file running alone; within a file the
 # order is unchanged, so module-scoped fixtures are still built once.
 _LONG_FIRST = (
-    "test_notebooks.py", "test_adam_validation.py", "test_float32.py", "test_lr_gradients.py",
-    "test_conformance.py", "test_data_problem.py", "test_cli.py", "test_expansion.py",
-    "test_simulate.py", "test_device_check.py", "test_momentum_control.py", "test_adam.py",
-    "test_momentum.py", "test_cli_optimizers.py", "test_sweep.py", "test_control.py",
-    "test_dense_adjoint.py", "test_readme.py",
+    "test_readme.py", "test_float32.py", "test_device_check.py", "test_notebooks.py",
+    "test_lr_gradients.py", "test_expansion.py", "test_conformance.py", "test_data_problem.py",
+    "test_sweep.py", "test_cli.py", "test_momentum_control.py", "test_cli_optimizers.py",
 )
 
 
