@@ -41,8 +41,8 @@ def main() -> int:
     code = cli_main()
     if code == _EXIT_INTERRUPTED:
         # The Ctrl-C may have landed while XLA was compiling: tearing the interpreter down then
-        # can crash (SIGSEGV or death by SIGINT, seen after the one-line message, about one run in
-        # three when the signal lands 3 s in). Nothing is left to save (outputs are written only
+        # can crash (SIGSEGV or death by SIGINT after the one-line message: 6 of 16 runs with the
+        # signal 2-3.75 s after the start). Nothing is left to save (outputs are written only
         # after a finished run), so flush and leave at once with the documented status.
         for stream in (sys.stdout, sys.stderr):
             try:
